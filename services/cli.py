@@ -1,0 +1,45 @@
+"""The `distserve` command line: one entry point, one subcommand per job.
+
+Each area of the project owns its subcommands in its own module, which exposes
+``register(subparsers)``; this file only lists those modules. ``bench`` is a group
+whose children register themselves the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that add top-level subcommands (each has `register(subparsers)`).
+COMMAND_MODULES: list[str] = [
+    "shared.engine.cli",
+]
+
+# Modules that add `distserve bench <name>` subcommands.
+BENCH_MODULES: list[str] = [
+    "shared.bench.engine",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distserve", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    bench = subparsers.add_parser("bench", help="benchmarks that print measured numbers")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(bench_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
