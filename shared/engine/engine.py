@@ -1,0 +1,293 @@
+"""LLMEngine: the scheduler, the model and the KV cache behind one small API (docs/engine-api.md).
+
+Thread safety: every public method takes the engine's lock, so a worker may run `step()` in its own
+thread while its event loop adds, aborts, exports and imports requests.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from shared.engine.config import EngineConfig, ModelConfig
+from shared.engine.kv_cache import BlockManager, KVCache
+from shared.engine.loader import load_model
+from shared.engine.model import ForwardBatch, PrefillSpan
+from shared.engine.model_files import model_display_name
+from shared.engine.quant import quantize_int8_
+from shared.engine.sampler import sample
+from shared.engine.scheduler import ScheduledBatch, Scheduler
+from shared.engine.sequence import SamplingParams, Sequence, Status
+from shared.engine.tokenizer import Tokenizer, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int
+    text: str  # new text since the previous output of this request
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_held: int
+    free_blocks: int
+    total_blocks: int
+    queued_prompt_tokens: int
+
+
+class KVMeta(BaseModel):
+    """What a decode engine needs, besides the KV bytes, to continue a request exactly."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    num_kv_tokens: int
+    num_blocks: int
+    block_size: int
+    block_nbytes: int
+    output_text: str  # text generated so far, and how much of it was already streamed
+    num_emitted_chars: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_nbytes
+
+
+@dataclass(frozen=True)
+class KVExport:
+    meta: KVMeta
+    views: list[torch.Tensor]  # contiguous, in token order; together meta.nbytes bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.views)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = DTYPES[config.dtype]
+        self.model = load_model(config.model, dtype=dtype, seed=config.seed)
+        if config.weight_int8:
+            quantize_int8_(self.model)
+        self.model_config: ModelConfig = self.model.config
+        self.tokenizer: Tokenizer = load_tokenizer("default" if config.model.startswith("random:") else config.model)
+        self.model_name = model_display_name(config.model)
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+
+        block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, dtype)
+        num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {block_bytes}-byte block")
+        self.cache = KVCache(self.model_config, num_blocks, config.block_size, dtype)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.held: dict[str, Sequence] = {}
+        self.importing: dict[str, Sequence] = {}
+        self.sequences: dict[str, Sequence] = {}
+        self.generator = torch.Generator().manual_seed(torch.seed())
+        self.lock = threading.RLock()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with a user-facing message if this request can never be served."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({n} tokens) plus max_tokens ({params.max_tokens}) exceeds the model's "
+                             f"context length of {self.max_model_len} tokens")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
+            raise ValueError(f"prompt ({n} tokens) does not fit in this worker's KV cache")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_token_ids, params)
+        with self.lock:
+            if request_id in self.sequences:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer)
+            self.sequences[request_id] = seq
+            self.scheduler.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        with self.lock:
+            seq = self.sequences.get(request_id)
+            if seq is None:
+                return False
+            if seq.status is Status.WAITING:
+                self.scheduler.waiting.remove(seq)
+            elif seq.status is Status.RUNNING:
+                self.scheduler.running.remove(seq)
+            self._finish(seq)
+            return True
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the decode side has the KV now; free it."""
+        with self.lock:
+            seq = self.held.get(request_id)
+            if seq is None:
+                raise KeyError(f"no held request {request_id!r}")
+            self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            return EngineStats(
+                num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+                num_held=len(self.held), free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_blocks,
+                queued_prompt_tokens=self.scheduler.queued_prompt_tokens(),
+            )
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        with self.lock:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            batch, sampling = self._build_batch(scheduled)
+            logits = self.model(batch, self.cache)
+            for seq, n in scheduled:
+                seq.num_computed_tokens += n
+            tokens = sample(logits, sampling, self.generator)
+            return [self._process(seq, token) for seq, token in zip(sampling, tokens, strict=True)]
+
+    def _build_batch(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        prefills = [(s, n) for s, n in scheduled if n > 1]
+        bs = self.config.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        sampling: list[Sequence] = []
+        logits_rows: list[int] = []
+        spans: list[PrefillSpan] = []
+        for seq, n in decodes + prefills:
+            start = seq.num_computed_tokens
+            if n > 1:
+                spans.append(PrefillSpan(len(token_ids), n, start, torch.tensor(seq.block_table)))
+            token_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            if start + n == seq.num_tokens:  # all known tokens are in: sample the next one
+                sampling.append(seq)
+                logits_rows.append(len(token_ids) - 1)
+
+        pos = torch.tensor(positions)
+        tables = [torch.tensor(s.block_table) for s, _ in decodes + prefills]
+        counts = torch.tensor([n for _, n in decodes + prefills])
+        row_table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [seqs, max_blocks]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(tables)), counts)
+        slot_blocks = row_table[seq_of_token, pos // bs]
+        decode_tables = row_table[: len(decodes)]
+        if decodes:
+            decode_tables = decode_tables[:, : max(len(s.block_table) for s, _ in decodes)]
+        batch = ForwardBatch(
+            token_ids=torch.tensor(token_ids), positions=pos, slot_blocks=slot_blocks, slot_offsets=pos % bs,
+            num_decode=len(decodes), decode_block_tables=decode_tables,
+            decode_context_lens=torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.long),
+            prefill_spans=spans, logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
+        return batch, sampling
+
+    def _process(self, seq: Sequence, token: int) -> StepOutput:
+        was_waiting = seq.status is Status.WAITING
+        text = seq.append_token(token, self.tokenizer.eos_token_ids, self.max_model_len)
+        output = StepOutput(seq.request_id, token, text, seq.finish_reason is not None, seq.finish_reason,
+                            seq.num_prompt_tokens, seq.num_output_tokens)
+        if was_waiting:
+            self.scheduler.finish_prefill(seq)
+        if seq.finish_reason is not None:
+            if not was_waiting:
+                self.scheduler.running.remove(seq)
+            self._finish(seq)
+        elif was_waiting and self.config.role == "prefill":
+            seq.status = Status.HELD
+            self.held[seq.request_id] = seq
+        elif was_waiting:
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
+        return output
+
+    def _finish(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.status = Status.FINISHED
+        self.held.pop(seq.request_id, None)
+        self.importing.pop(seq.request_id, None)
+        self.sequences.pop(seq.request_id, None)
+
+    # -- KV hand-off ----------------------------------------------------------------------------
+
+    def kv_export(self, request_id: str) -> KVExport:
+        with self.lock:
+            seq = self.held.get(request_id)
+            if seq is None:
+                raise KeyError(f"no held request {request_id!r} (finished, aborted or never prefilled here)")
+            meta = KVMeta(
+                request_id=request_id, prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids, params=seq.params,
+                num_kv_tokens=seq.num_computed_tokens, num_blocks=len(seq.block_table),
+                block_size=self.config.block_size, block_nbytes=self.cache.block_nbytes,
+                output_text=seq.text, num_emitted_chars=seq.num_emitted_chars,
+            )
+            return KVExport(meta, self.cache.views(seq.block_table))
+
+    def can_import(self, num_kv_tokens: int) -> bool:
+        with self.lock:
+            # One block of headroom so the request can decode its next token right away.
+            return self.blocks.can_allocate(self.blocks.blocks_needed(num_kv_tokens + 1))
+
+    def kv_import_begin(self, meta: KVMeta) -> list[torch.Tensor] | None:
+        """Reserve blocks for an incoming request; the views its KV bytes go to, or None if no room."""
+        if meta.block_size != self.config.block_size or meta.block_nbytes != self.cache.block_nbytes:
+            raise ValueError("KV layout mismatch between prefill and decode (model, dtype or block size differ)")
+        self.validate(meta.prompt_token_ids, meta.params)
+        with self.lock:
+            if meta.request_id in self.sequences:
+                raise ValueError(f"request id {meta.request_id!r} is already in use")
+            if not self.can_import(meta.num_kv_tokens):
+                return None
+            seq = Sequence(meta.request_id, meta.prompt_token_ids, meta.params, self.tokenizer,
+                           output_token_ids=meta.output_token_ids)
+            seq.text, seq.num_emitted_chars = meta.output_text, meta.num_emitted_chars
+            seq.block_table = self.blocks.allocate(meta.num_blocks)
+            seq.num_computed_tokens = meta.num_kv_tokens
+            seq.status = Status.IMPORTING
+            self.sequences[meta.request_id] = seq
+            self.importing[meta.request_id] = seq
+            return self.cache.views(seq.block_table)
+
+    def kv_import_commit(self, request_id: str) -> None:
+        with self.lock:
+            seq = self.importing.pop(request_id)
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
+
+    def kv_import_abort(self, request_id: str) -> None:
+        with self.lock:
+            seq = self.importing.get(request_id)
+            if seq is not None:
+                self._finish(seq)

@@ -1,0 +1,105 @@
+"""The paged KV cache: block-major tensor storage and the block manager that hands out blocks.
+
+Layout: one tensor [num_blocks, num_layers, 2 (K, V), block_size, kv_heads, head_dim]. A block holds
+every layer's K and V for `block_size` consecutive tokens, so one request's whole KV cache is one
+contiguous byte range per run of consecutive block ids: what the KV transfer moves, in few messages.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import torch
+
+from shared.engine.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.data = torch.zeros(num_blocks, config.num_layers, 2, block_size, config.num_kv_heads,
+                                config.head_dim, dtype=dtype)
+        # Per-layer strided views [num_blocks, block_size, kv_heads, head_dim].
+        self.k = [self.data[:, layer, 0] for layer in range(config.num_layers)]
+        self.v = [self.data[:, layer, 1] for layer in range(config.num_layers)]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return block_size * config.kv_bytes_per_token(torch.tensor([], dtype=dtype).element_size())
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.data[0].numel() * self.data.element_size()
+
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        self.k[layer][blocks, offsets] = k
+        self.v[layer][blocks, offsets] = v
+
+    def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of each row's blocks, as [rows, blocks * block_size, kv_heads, head_dim]."""
+        rows, nblocks = block_tables.shape
+        k = self.k[layer][block_tables].view(rows, nblocks * self.block_size, *self.k[layer].shape[2:])
+        v = self.v[layer][block_tables].view(rows, nblocks * self.block_size, *self.v[layer].shape[2:])
+        return k, v
+
+    def views(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
+        """Contiguous views over the given blocks, one per run of consecutive ids, in order."""
+        return [self.data[start:start + length] for start, length in _runs(block_ids)]
+
+
+def _runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for block in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == block:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block, 1))
+    return runs
+
+
+class BlockManager:
+    """Hands out KV blocks. Lowest free id first, so a request's blocks tend to be one contiguous run."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: list[int] = list(range(num_blocks))  # a min-heap
+        self._ref_counts = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        if not self.can_allocate(num_blocks):
+            raise MemoryError(f"need {num_blocks} KV blocks, {len(self._free)} free")
+        blocks = [heapq.heappop(self._free) for _ in range(num_blocks)]
+        for b in blocks:
+            self._ref_counts[b] = 1
+        return blocks
+
+    def grow(self, block_table: list[int], num_tokens: int) -> bool:
+        """Extend block_table to hold num_tokens tokens. False (and no change) if memory is short."""
+        extra = self.blocks_needed(num_tokens) - len(block_table)
+        if extra <= 0:
+            return True
+        if not self.can_allocate(extra):
+            return False
+        block_table.extend(self.allocate(extra))
+        return True
+
+    def free(self, block_table: list[int]) -> None:
+        for b in block_table:
+            self._ref_counts[b] -= 1
+            if self._ref_counts[b] == 0:
+                heapq.heappush(self._free, b)
+        block_table.clear()

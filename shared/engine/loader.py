@@ -1,0 +1,211 @@
+"""Build a Transformer from a GGUF file, a Hugging Face directory, or a random initialisation.
+
+GGUF weights are quantized (Q4_1/Q8_0 for the default model): they are dequantized to float32 once
+and cached on disk as safetensors in this module's own parameter names, so later starts skip the
+~7 s of dequantization and load in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.engine.config import ModelConfig
+from shared.engine.model import Transformer
+from shared.engine.model_files import resolve_model
+
+log = logging.getLogger(__name__)
+
+# Shapes for `random:<preset>` models (benchmarking large shapes without weights).
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                     num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=2048,
+                     tie_word_embeddings=False),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTSERVE_CACHE_DIR", Path.home() / ".cache" / "distserve"))
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
+    """The model named by an EngineConfig.model string, in eval mode, with weights loaded."""
+    if model.startswith("random:"):
+        config = random_config(model.removeprefix("random:"))
+        torch.manual_seed(seed)
+        net = Transformer(config)
+        _init_random(net)
+        return net.to(dtype).eval()
+    path = resolve_model(model)
+    if path.suffix == ".gguf":
+        config, state = _load_gguf(path)
+    else:
+        config, state = _load_hf_directory(path)
+    net = Transformer(config)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return net.to(dtype).eval()
+
+
+def random_config(spec: str) -> ModelConfig:
+    fields = RANDOM_PRESETS.get(spec)
+    if fields is None:
+        try:
+            fields = json.loads(spec)
+        except json.JSONDecodeError:
+            raise ValueError(f"random model spec must be one of {sorted(RANDOM_PRESETS)} or JSON "
+                             f"ModelConfig fields, not {spec!r}") from None
+    return ModelConfig(**fields)
+
+
+def _init_random(net: Transformer) -> None:
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+
+def gguf_config(reader: Any) -> ModelConfig:
+    def get(key: str, default: Any = None) -> Any:
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = get("general.architecture")
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
+    heads = int(get(f"{arch}.attention.head_count"))
+    hidden = int(get(f"{arch}.embedding_length"))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = get(f"{arch}.vocab_size") or len(get("tokenizer.ggml.tokens"))
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get(f"{arch}.feed_forward_length")),
+        num_layers=int(get(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get(f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(get(f"{arch}.rope.dimension_count", hidden // heads)),
+        rope_theta=float(get(f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(get(f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+    )
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    config = gguf_config(reader)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "weights" / f"{path.stem}-{key}.safetensors"
+    if cached.exists():
+        return config, load_file(str(cached))
+
+    log.info("dequantizing %s once (cached at %s)", path.name, cached)
+    raw: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+    state = _gguf_to_state(raw, config)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    save_file(state, str(tmp))
+    tmp.replace(cached)  # atomic: concurrent starts never read a half-written file
+    return config, state
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> rotate-half halves)."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _gguf_to_state(raw: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    state = {"embed_tokens.weight": raw["token_embd.weight"], "norm.weight": raw["output_norm.weight"]}
+    if "output.weight" in raw:
+        state["lm_head.weight"] = raw["output.weight"]
+    for i in range(c.num_layers):
+        b, p = f"blk.{i}.", f"layers.{i}."
+        q = _unpermute(raw[b + "attn_q.weight"], c.num_heads)
+        k = _unpermute(raw[b + "attn_k.weight"], c.num_kv_heads)
+        state[p + "attn.qkv_proj.weight"] = torch.cat([q, k, raw[b + "attn_v.weight"]])
+        if c.attention_bias:
+            qb = _unpermute(raw[b + "attn_q.bias"], c.num_heads)
+            kb = _unpermute(raw[b + "attn_k.bias"], c.num_kv_heads)
+            state[p + "attn.qkv_proj.bias"] = torch.cat([qb, kb, raw[b + "attn_v.bias"]])
+        state[p + "attn.o_proj.weight"] = raw[b + "attn_output.weight"]
+        state[p + "input_norm.weight"] = raw[b + "attn_norm.weight"]
+        state[p + "post_attn_norm.weight"] = raw[b + "ffn_norm.weight"]
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat([raw[b + "ffn_gate.weight"], raw[b + "ffn_up.weight"]])
+        state[p + "mlp.down_proj.weight"] = raw[b + "ffn_down.weight"]
+    return state
+
+
+# -- Hugging Face directories ---------------------------------------------------------------------
+
+def hf_config(raw: dict[str, Any]) -> ModelConfig:
+    model_type = raw.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"model_type {model_type!r} is not supported (llama, mistral, qwen2)")
+    heads = int(raw["num_attention_heads"])
+    return ModelConfig(
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+    )
+
+
+def _load_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face model directory)")
+    config = hf_config(json.loads((path / "config.json").read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors weights")
+    raw: dict[str, torch.Tensor] = {}
+    for f in files:
+        raw.update(load_file(str(f)))
+    raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
+    state = {"embed_tokens.weight": raw["embed_tokens.weight"], "norm.weight": raw["norm.weight"]}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = raw["lm_head.weight"]
+    for i in range(config.num_layers):
+        a, p = f"layers.{i}.self_attn.", f"layers.{i}."
+        state[p + "attn.qkv_proj.weight"] = torch.cat([raw[a + f"{n}_proj.weight"] for n in "qkv"])
+        if config.attention_bias:
+            state[p + "attn.qkv_proj.bias"] = torch.cat([raw[a + f"{n}_proj.bias"] for n in "qkv"])
+        state[p + "attn.o_proj.weight"] = raw[a + "o_proj.weight"]
+        state[p + "input_norm.weight"] = raw[p + "input_layernorm.weight"]
+        state[p + "post_attn_norm.weight"] = raw[p + "post_attention_layernorm.weight"]
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat([raw[p + "mlp.gate_proj.weight"], raw[p + "mlp.up_proj.weight"]])
+        state[p + "mlp.down_proj.weight"] = raw[p + "mlp.down_proj.weight"]
+    return config, state

@@ -1,0 +1,184 @@
+"""A Llama-family decoder in plain torch, reading and writing a paged KV cache.
+
+One forward pass serves any mix of work: prefill chunks (many tokens of one sequence) and decode
+tokens (one token of each of many sequences) are flattened into a single [T, hidden] batch, so every
+linear layer is one GEMM. Only attention looks at sequence boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.engine.config import ModelConfig
+from shared.engine.kv_cache import KVCache
+
+
+@dataclass
+class PrefillSpan:
+    """Tokens [start, start + length) of the flat batch are positions [cached, cached + length) of one sequence."""
+
+    start: int
+    length: int
+    num_cached: int  # tokens of this sequence already in the KV cache (prefix or earlier chunks)
+    block_table: torch.Tensor  # [num_blocks] int64
+
+
+@dataclass
+class ForwardBatch:
+    """Flat inputs for one forward pass. Decode tokens come first, then prefill spans."""
+
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_blocks: torch.Tensor  # [T] block id where each token's K/V is written
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decode: int  # the first num_decode tokens are decode tokens, one per sequence
+    decode_block_tables: torch.Tensor  # [num_decode, max_blocks] int64 (padded with 0)
+    decode_context_lens: torch.Tensor  # [num_decode] int64, including the new token
+    prefill_spans: list[PrefillSpan]
+    logits_indices: torch.Tensor  # [num_sequences] rows of the flat batch whose logits are needed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (the Hugging Face convention; GGUF q/k rows are un-permuted at load)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [P, D]
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions, None, :].to(dtype), self.sin[positions, None, :].to(dtype)  # [T, 1, D]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_id = layer_id
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                cache: KVCache) -> torch.Tensor:
+        c = self.config
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = apply_rope(q.view(T, c.num_heads, c.head_dim), *rope)  # [T, H, D]
+        k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim), *rope)  # [T, KVH, D]
+        v = v.view(T, c.num_kv_heads, c.head_dim)
+        cache.write(self.layer_id, batch.slot_blocks, batch.slot_offsets, k, v)
+
+        out = torch.empty_like(q)
+        if batch.num_decode:
+            out[: batch.num_decode] = self._decode_attention(q[: batch.num_decode], batch, cache)
+        for span in batch.prefill_spans:
+            rows = slice(span.start, span.start + span.length)
+            out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], span, cache)
+        return self.o_proj(out.view(T, c.q_size))
+
+    def _decode_attention(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
+        # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
+        c = self.config
+        B = q.shape[0]
+        k, v = cache.gather(self.layer_id, batch.decode_block_tables)  # [B, S, KVH, D]
+        S = k.shape[1]
+        qg = q.view(B, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
+        mask = None
+        if B > 1 or S != int(batch.decode_context_lens[0]):
+            mask = torch.arange(S) < batch.decode_context_lens[:, None]  # [B, S]
+            mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.reshape(B, c.num_heads, c.head_dim)
+
+    def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan,
+                           cache: KVCache) -> torch.Tensor:
+        n = span.length
+        if span.num_cached == 0:
+            # Fresh prompt: attend to the keys just computed (they are also in the cache now).
+            mask = None
+            causal = True
+        else:
+            # A later chunk, or a cached prefix: attend to everything in the cache up to this token.
+            total = span.num_cached + n
+            k, v = cache.gather(self.layer_id, span.block_table[None, :])
+            k, v = k[0, :total], v[0, :total]
+            mask = torch.arange(total)[None, :] <= (span.num_cached + torch.arange(n))[:, None]  # [n, total]
+            causal = False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=causal, enable_gqa=True,
+        )  # [1, H, n, D]
+        return out[0].transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_id)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                cache: KVCache) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), rope, batch, cache)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Logits [num_sequences, vocab] for the rows in batch.logits_indices."""
+        x = self.embed_tokens(batch.token_ids)
+        rope = self.rotary.tables(batch.positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, batch, cache)
+        # Only the last token of each sequence needs logits: skip the vocab GEMM for the rest.
+        x = self.norm(x[batch.logits_indices])
+        return self.lm_head(x).float()
