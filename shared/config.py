@@ -1,0 +1,194 @@
+"""The serving stack's settings: one typed, validated, frozen object for every service.
+
+Sources, highest priority first: command-line flags, environment (``DISTSERVE_MODEL``,
+``DISTSERVE_GATEWAY__PORT``: ``__`` separates nesting levels), a YAML or JSON file
+(``--config``), then the defaults below. `distserve up` resolves them once and hands the result
+to its children as a file, so every process of one stack runs with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+Mode = Literal["disaggregated", "colocated"]
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineSettings(_Section):
+    """Engine knobs of one worker role (see shared.engine.EngineConfig)."""
+
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="prefill token budget per step (L_m)")
+    max_num_seqs: int = Field(default=64, ge=1, description="decode batch cap")
+    block_size: int = Field(default=16, ge=1)
+    kv_cache_memory_gib: float = Field(default=1.0, gt=0)
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: share of the cores")
+    chunked_prefill: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_pending: int = Field(default=256, ge=1, description="requests awaiting a first token before 429")
+    retry_after_s: int = Field(default=1, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    slo_ttft_s: float = Field(default=2.0, gt=0, description="TTFT objective for the SLO-attainment metric")
+    slo_tpot_s: float = Field(default=0.2, gt=0, description="TPOT objective for the SLO-attainment metric")
+
+
+class WorkerSettings(_Section):
+    heartbeat_s: float = Field(default=0.5, gt=0, description="interval of load reports")
+    dead_after_s: float = Field(default=3.0, gt=0, description="a worker silent this long is dropped")
+    transport: str = Field(default="tcp", description="KV transport: tcp (ucx when installed)")
+    transfer_host: str = Field(default="127.0.0.1", description="address the KV transport listens on")
+    kv_lease_s: float = Field(default=300.0, gt=0, description="prefill frees KV nobody pulled after this")
+    pull_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class TelemetrySettings(_Section):
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTSERVE_", env_nested_delimiter="__", frozen=True,
+                                      extra="forbid")
+
+    model: str = "default"
+    mode: Mode = "disaggregated"
+    nats_url: str | None = Field(default=None, description="external NATS; None: `up` starts one")
+    redis_url: str | None = Field(default=None, description="external Redis; None: `up` starts one")
+    prefill_instances: int = Field(default=1, ge=0)
+    decode_instances: int = Field(default=1, ge=0)
+    colocated_instances: int = Field(default=1, ge=0)
+    request_ttl_s: int = Field(default=3600, ge=1, description="how long Redis keeps a request's state")
+    gateway: GatewaySettings = GatewaySettings()
+    worker: WorkerSettings = WorkerSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    prefill: EngineSettings = EngineSettings()
+    decode: EngineSettings = EngineSettings()
+    colocated: EngineSettings = EngineSettings()
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^(nats|tls|ws|wss)://", url):
+            raise ValueError("nats_url must look like nats://host:port")
+        return url
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
+            raise ValueError("redis_url must look like redis://host:port/db")
+        return url
+
+    @model_validator(mode="after")
+    def _roles(self) -> Settings:
+        if self.prefill.chunked_prefill or self.decode.chunked_prefill:
+            raise ValueError("chunked_prefill applies to colocated workers only")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file = _config_file.get()
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if file is not None:  # YAML is a superset of JSON: one source reads both
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=file),)
+        return sources
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None,
+                  config_file: str | Path | None = None) -> Settings:
+    """Resolve flags (`overrides`, nested dicts) over environment over file over defaults."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    token = _config_file.set(Path(config_file) if config_file else None)
+    try:
+        return Settings(**dict(overrides or {}))
+    finally:
+        _config_file.reset(token)
+
+
+# -- command-line flags ----------------------------------------------------------------------
+# Flag -> dotted settings path. Only flags the user gave (not None) override other sources.
+COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model", str, "model: 'default', a .gguf file, a HF directory or random:<json>"),
+    "--nats-url": ("nats_url", str, "NATS server URL (external)"),
+    "--redis-url": ("redis_url", str, "Redis URL (external)"),
+    "--transport": ("worker.transport", str, "KV transport: tcp | ucx"),
+    "--transfer-host": ("worker.transfer_host", str, "address the KV transport binds"),
+    "--otel": ("telemetry.exporter", str, "trace exporter: none | console | otlp"),
+    "--otlp-endpoint": ("telemetry.otlp_endpoint", str, "OTLP/HTTP traces endpoint"),
+}
+GATEWAY_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--host": ("gateway.host", str, "gateway bind address"),
+    "--port": ("gateway.port", int, "gateway port"),
+    "--max-pending": ("gateway.max_pending", int, "requests waiting for a first token before 429"),
+}
+ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "prefill token budget per step"),
+    "--max-num-seqs": ("max_num_seqs", int, "decode batch cap"),
+    "--kv-cache-gib": ("kv_cache_memory_gib", float, "KV pool size in GiB"),
+    "--threads": ("num_threads", int, "torch threads"),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, table: Mapping[str, tuple[str, type, str]],
+              prefix: str = "") -> None:
+    for flag, (path, kind, help_text) in table.items():
+        parser.add_argument(flag, dest=f"cfg:{prefix}{path}", type=kind, default=None, help=help_text)
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML or JSON settings file")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested override dict from the `cfg:` flags that were given on the command line."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:") or value is None:
+            continue
+        *parents, leaf = dest[4:].split(".")
+        node = out
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+def settings_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> Settings:
+    overrides = overrides_from_args(args)
+    for key, value in (extra or {}).items():
+        overrides[key] = value
+    return load_settings(overrides, getattr(args, "config", None))
+
+
+def check_instance_id(instance_id: str) -> str:
+    if not INSTANCE_ID.match(instance_id):
+        raise ValueError(f"instance id {instance_id!r}: use 1-64 letters, digits, '-' or '_'")
+    return instance_id

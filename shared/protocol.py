@@ -1,0 +1,196 @@
+"""The control plane in one place: every NATS subject and every wire message (pydantic, JSON).
+
+Version 1. The version is the second token of every subject (``distserve.v1.*``) and the ``v``
+field of every message: a process speaking another version neither receives nor parses ours.
+Within a version, fields are only ever added with defaults (unknown fields are ignored).
+
+KV bytes never travel here: a message carries a `KVHandle` (where to pull from), the bytes move
+over the KV transport (shared/transfer).
+
+Flow (docs/serving.md has the numbered steps):
+  gateway --PrefillRequest--> prefill.<id>.submit
+  prefill --TokenBatch (first token + KVHandle)--> gateway.<id>.tokens
+  gateway --DecodeRequest--> decode.<id>.submit
+  decode pulls the KV over the transport, then --KVRelease--> prefill.<id>.release
+  decode --TokenBatch (one message per step)--> gateway.<id>.tokens
+  every worker --WorkerInfo--> workers.heartbeat (load reports); --WorkerBye--> workers.bye
+  gateway --AbortRequest--> requests.abort (every worker listens)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+PREFIX = f"distserve.v{PROTOCOL_VERSION}"
+
+Role = Literal["prefill", "decode", "colocated"]
+
+
+class Subjects:
+    """Subject names. Per-instance subjects end in the instance id (one subject token)."""
+
+    heartbeat = f"{PREFIX}.workers.heartbeat"
+    bye = f"{PREFIX}.workers.bye"
+    abort = f"{PREFIX}.requests.abort"
+
+    @staticmethod
+    def submit(role: Role, instance_id: str) -> str:
+        """New work for one worker: PrefillRequest (prefill, colocated) or DecodeRequest (decode)."""
+        return f"{PREFIX}.{role}.{instance_id}.submit"
+
+    @staticmethod
+    def release(instance_id: str) -> str:
+        """KVRelease to the prefill worker that holds a request's KV."""
+        return f"{PREFIX}.prefill.{instance_id}.release"
+
+    @staticmethod
+    def tokens(gateway_id: str) -> str:
+        """The inbox of one gateway: TokenBatch messages for the requests it serves."""
+        return f"{PREFIX}.gateway.{gateway_id}.tokens"
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    v: Literal[1] = 1  # PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(kind: type[M], data: bytes) -> M:
+    """Parse one message; pydantic.ValidationError on a malformed or other-version message."""
+    return kind.model_validate_json(data)
+
+
+class Sampling(BaseModel):
+    """Sampling parameters as they travel; the engine's SamplingParams takes the same fields."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class WorkerLoad(BaseModel):
+    """What a worker reports about itself; the gateway dispatches on it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    queued_tokens: int = 0  # prompt tokens waiting for prefill
+    waiting: int = 0  # requests waiting: for prefill, or (decode) for room to pull their KV
+    running: int = 0  # sequences in the decode batch
+    held: int = 0  # prefill: requests whose KV waits to be pulled
+    free_blocks: int = 0
+    total_blocks: int = 0
+
+
+class WorkerInfo(Message):
+    """Registration and heartbeat in one: sent at start, on load changes and every heartbeat_s."""
+
+    instance_id: str
+    role: Role
+    model: str
+    max_model_len: int
+    pid: int
+    host: str
+    started_at: float
+    seq: int = 0  # increases with every report of this instance
+    transport: str | None = None  # KV transport name (prefill, decode)
+    transfer_address: str | None = None  # where decode workers pull this prefill worker's KV
+    load: WorkerLoad = WorkerLoad()
+
+
+class WorkerBye(Message):
+    instance_id: str
+
+
+class PrefillRequest(Message):
+    """A tokenized request for a prefill (or colocated) worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    reply_to: str  # the gateway's tokens subject
+    arrived_at: float  # wall-clock time the gateway accepted it
+
+
+class KVHandle(BaseModel):
+    """Where a request's KV cache waits to be pulled. `meta` is the engine's KVMeta, as JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prefill_instance: str
+    transport: str
+    address: str
+    transfer_id: str
+    nbytes: int
+    meta: dict[str, Any]
+
+
+class DecodeRequest(Message):
+    request_id: str
+    reply_to: str
+    kv: KVHandle
+
+
+class KVRelease(Message):
+    """Decode has the KV (or gave up on it): the prefill worker may free its blocks."""
+
+    request_id: str
+    pulled: bool = True
+
+
+class AbortRequest(Message):
+    request_id: str
+    reason: str = "client disconnected"
+
+
+class TransferInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    nbytes: int
+    seconds: float
+    transport: str
+
+
+class TokenEvent(BaseModel):
+    """One generated token of one request (or the error that ended it)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    request_id: str
+    token_id: int = -1
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    kv: KVHandle | None = None  # prefill's first token: the KV is ready to be pulled
+    transfer: TransferInfo | None = None  # decode's first token: how the KV arrived
+    error: str | None = None  # the request failed; `status` is the HTTP status to report
+    status: int = 200
+
+
+class TokenBatch(Message):
+    """Every event one step produced for one gateway: one message per step, not per token."""
+
+    instance_id: str
+    events: list[TokenEvent]
+
+
+MESSAGES: tuple[type[Message], ...] = (
+    WorkerInfo, WorkerBye, PrefillRequest, DecodeRequest, KVRelease, AbortRequest, TokenBatch,
+)
