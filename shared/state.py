@@ -1,0 +1,175 @@
+"""Request state in Redis: one hash per request (status, phase timestamps, instances, token counts).
+
+Every service writes the fields of the phases it runs. Writes go through `StateWriter`, which
+buffers them (bounded) and flushes in pipelined batches from a background task: a Redis round trip
+never sits on the token path, and a slow or absent Redis costs dropped state, not latency.
+
+Timestamps are wall-clock seconds (time.time()); `distserve requests show ID` prints the timeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "distserve:request:"
+INDEX_KEY = "distserve:requests"  # sorted set: request id by arrival time
+INDEX_MAX = 10_000
+
+# The phases of a request in the order they happen; each is a timestamp field of its hash.
+PHASES = (
+    "arrived",  # the gateway accepted it
+    "queued",  # a prefill worker put it in its queue
+    "prefill_start",
+    "prefill_end",
+    "first_token",  # the gateway received the first token
+    "kv_transfer_start",
+    "kv_transfer_end",
+    "decode_start",  # joined a decode batch
+    "finish",
+)
+STATUSES = ("queued", "prefilled", "decoding", "finished", "aborted", "failed")
+
+
+def request_key(request_id: str) -> str:
+    return KEY_PREFIX + request_id
+
+
+class StateWriter:
+    """Fire-and-forget, batched writes of request fields; `update` never blocks."""
+
+    def __init__(self, client: aioredis.Redis | None, ttl_s: int, max_buffer: int = 50_000,
+                 max_batch: int = 512) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.max_buffer = max_buffer
+        self.max_batch = max_batch
+        self.pending: dict[str, dict[str, Any]] = {}  # merged per request until the next flush
+        self.dropped = 0
+        self.written = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._error_logged = 0.0
+
+    def update(self, request_id: str, **fields: Any) -> None:
+        if self.client is None:
+            return
+        entry = self.pending.get(request_id)
+        if entry is None:
+            if len(self.pending) >= self.max_buffer:
+                self.dropped += 1
+                return
+            entry = self.pending[request_id] = {}
+        entry.update(fields)
+        self._wake.set()
+
+    def start(self) -> None:
+        if self.client is not None and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="state-writer")
+
+    async def close(self) -> None:
+        """Flush what is buffered, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(RedisError, OSError):
+            while self.pending:
+                await self._flush()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+            except (RedisError, OSError) as exc:
+                if time.monotonic() - self._error_logged > 10:
+                    log.warning("request state not written to Redis: %s", exc)
+                    self._error_logged = time.monotonic()
+            if self.pending:
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        assert self.client is not None
+        ids = list(self.pending)[: self.max_batch]
+        batch = {rid: self.pending.pop(rid) for rid in ids}
+        pipe = self.client.pipeline(transaction=False)
+        for rid, fields in batch.items():
+            key = request_key(rid)
+            pipe.hset(key, mapping={k: _encode(v) for k, v in fields.items()})
+            pipe.expire(key, self.ttl_s)
+            if "arrived" in fields:
+                pipe.zadd(INDEX_KEY, {rid: float(fields["arrived"])})
+        if any("arrived" in f for f in batch.values()):
+            pipe.zremrangebyrank(INDEX_KEY, 0, -INDEX_MAX - 1)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError):
+            self.dropped += len(batch)
+            raise
+        self.written += len(batch)
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+async def read_request(client: aioredis.Redis, request_id: str) -> dict[str, str] | None:
+    raw = await client.hgetall(request_key(request_id))
+    if not raw:
+        return None
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+async def recent_requests(client: aioredis.Redis, count: int = 20) -> list[str]:
+    ids = await client.zrevrange(INDEX_KEY, 0, count - 1)
+    return [_text(r) for r in ids if isinstance(r, bytes | str)]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def timeline(state: Mapping[str, str]) -> list[tuple[str, float, float]]:
+    """(phase, ms since arrival, ms since the previous phase) for the phases that happened."""
+    times = [(phase, float(state[phase])) for phase in PHASES if phase in state]
+    if not times:
+        return []
+    origin = times[0][1]
+    rows: list[tuple[str, float, float]] = []
+    previous = origin
+    for phase, t in sorted(times, key=lambda pt: pt[1]):
+        rows.append((phase, (t - origin) * 1e3, (t - previous) * 1e3))
+        previous = t
+    return rows
+
+
+def format_request(request_id: str, state: Mapping[str, str]) -> str:
+    """A human-readable timeline of one request."""
+    lines = [f"request {request_id}  status={state.get('status', '?')}"]
+    for key in ("model", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens",
+                "finish_reason", "kv_bytes", "kv_transfer_ms", "error"):
+        if key in state:
+            lines.append(f"  {key:<17} {state[key]}")
+    if "arrived" in state:
+        arrived = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(state["arrived"])))
+        lines.append(f"  {'arrived at':<17} {arrived}")
+    lines.append(f"  {'phase':<18}{'t (ms)':>10}{'delta (ms)':>12}")
+    for phase, at, delta in timeline(state):
+        lines.append(f"  {phase:<18}{at:>10.1f}{delta:>12.1f}")
+    return "\n".join(lines)

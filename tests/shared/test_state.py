@@ -1,0 +1,42 @@
+"""Request state lands in Redis batched, merged per request, with a TTL, and reads back as a timeline."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from shared.state import StateWriter, format_request, read_request, recent_requests, request_key, timeline
+
+
+async def test_writer_merges_fields_sets_ttl_and_indexes(redis_client: aioredis.Redis) -> None:
+    writer = StateWriter(redis_client, ttl_s=60)
+    writer.start()
+    writer.update("r-state-1", status="queued", arrived=100.0, prompt_tokens=5)
+    writer.update("r-state-1", queued=100.002, prefill_instance="prefill-0")
+    writer.update("r-state-1", prefill_start=100.01, prefill_end=100.05, first_token=100.051)
+    writer.update("r-state-1", status="finished", finish=100.3, output_tokens=8, finish_reason="length")
+    await writer.close()
+
+    state = await read_request(redis_client, "r-state-1")
+    assert state is not None
+    assert state["status"] == "finished" and state["prompt_tokens"] == "5"
+    assert state["prefill_instance"] == "prefill-0"
+    assert 0 < await redis_client.ttl(request_key("r-state-1")) <= 60
+    assert "r-state-1" in await recent_requests(redis_client)
+    phases = [phase for phase, _, _ in timeline(state)]
+    assert phases == ["arrived", "queued", "prefill_start", "prefill_end", "first_token", "finish"]
+    text = format_request("r-state-1", state)
+    assert "prefill_end" in text and "status=finished" in text and "300.0" in text
+
+
+async def test_unknown_request_reads_none(redis_client: aioredis.Redis) -> None:
+    assert await read_request(redis_client, "no-such-request") is None
+
+
+async def test_buffer_is_bounded_and_drops_count() -> None:
+    unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    writer = StateWriter(unreachable, ttl_s=60, max_buffer=2)
+    for i in range(5):
+        writer.update(f"r{i}", arrived=1.0)
+    assert writer.dropped == 3 and len(writer.pending) == 2
+    await writer.close()  # an unreachable Redis costs dropped state, never an exception
+    await unreachable.aclose()
