@@ -1,0 +1,125 @@
+"""The KV transfer interface: how a request's KV cache moves from a prefill to a decode worker.
+
+Two halves, as in vLLM's KV connector:
+
+* the scheduler side decides what moves and when. It lives in the decode worker
+  (services/decode/puller.py): a request's KV is pulled only once the decode engine has reserved
+  blocks for it (`engine.kv_import_begin`), so a burst waits in prefill memory, not in decode; after
+  the pull it commits the import and tells the prefill worker (over NATS) to free its blocks.
+* the worker side, `KVTransport` below, moves bytes and reports completion. A prefill worker
+  `offer`s a held request's KV views under a transfer id; a decode worker `pull`s them into its
+  reserved views. The prefill side never pushes.
+
+Both sides see a list of contiguous tensors and treat it as one byte stream: view sizes may differ
+between the two sides (different block ids make different runs), only the total must match.
+
+Implementations register in `TRANSPORTS` by name and are built with `create_transport(name, host)`;
+the services never import one directly, so a new transport (UCX) plugs in without touching them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+class TransferError(RuntimeError):
+    """A pull failed: unknown transfer id, size mismatch, peer gone, timeout."""
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    nbytes: int
+    seconds: float
+    transport: str
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+class KVTransport(ABC):
+    """Worker side of the KV hand-off. One per worker process, used from its event loop.
+
+    Contract:
+    * `start()` before anything else; `address` is then an opaque string that peers pass to
+      `pull` (published in the worker's registration over NATS).
+    * `offer(transfer_id, views)`: the views stay valid and unmodified until `withdraw` (the
+      caller keeps the KV blocks). Offering an id twice replaces the offer.
+    * `withdraw(transfer_id)`: no new pull of this id starts after it returns.
+    * `pull(peer_address, transfer_id, dest, timeout)`: fills `dest` (one byte stream) with the
+      offered bytes and returns when all of them are in `dest`; raises TransferError (also on
+      timeout) and then `dest` holds undefined bytes. Concurrent pulls are allowed.
+    * `close()` stops serving and drops every offer; safe to call twice.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def address(self) -> str: ...
+
+    @abstractmethod
+    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def withdraw(self, transfer_id: str) -> None: ...
+
+    @abstractmethod
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+                   timeout: float) -> TransferStats: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+# name -> "module:Class"; imported on first use so an optional transport costs nothing when unused.
+TRANSPORTS: dict[str, str] = {
+    "tcp": "shared.transfer.tcp:TcpTransport",
+    "ucx": "shared.transfer.ucx:UcxTransport",
+}
+
+
+def create_transport(name: str, host: str = "127.0.0.1") -> KVTransport:
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown KV transport {name!r}; choose one of {sorted(TRANSPORTS)}")
+    module_name, class_name = TRANSPORTS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"KV transport {name!r} is not available here: {exc}") from exc
+    cls: type[KVTransport] = getattr(module, class_name)
+    return cls(host)
+
+
+# -- byte-stream helpers shared by implementations ----------------------------------------------
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy, writable byte view of a contiguous CPU tensor."""
+    if not tensor.is_contiguous():
+        raise ValueError("KV views must be contiguous")
+    flat = tensor.reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+
+
+def total_nbytes(views: Sequence[torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in views)
+
+
+def chunks(views: Sequence[torch.Tensor], max_chunk: int) -> Iterator[memoryview]:
+    """The byte stream of `views` as memoryviews of at most `max_chunk` bytes, in order."""
+    for view in views:
+        data = byte_view(view)
+        for start in range(0, len(data), max_chunk):
+            yield data[start:start + max_chunk]

@@ -1,0 +1,207 @@
+"""KV transfer over plain TCP: the decode side asks for a transfer id, the prefill side streams it.
+
+Wire format, per pull, on a connection the puller keeps open for its next pulls to the same peer:
+  puller -> server:  b"DSKV", u16 id length, id (utf-8)
+  server -> puller:  u8 status (0 ok, 1 unknown id), u64 byte count, then the bytes
+Bytes go straight from the prefill cache's views to the socket (`sock_sendall(memoryview)`) and
+from the socket into the decode cache's reserved views (`sock_recv_into`): no copies in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import torch
+
+from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view, chunks, total_nbytes
+
+MAGIC = b"DSKV"
+_REQUEST = struct.Struct("!4sH")
+_REPLY = struct.Struct("!BQ")
+_OK, _UNKNOWN = 0, 1
+_CHUNK = 4 << 20  # bytes per send/recv call: big enough for few syscalls, small enough to interleave
+_SOCKET_BUFFER = 4 << 20
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+
+
+async def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = await loop.sock_recv_into(sock, view[got:])
+        if k == 0:
+            raise ConnectionError("connection closed")
+        got += k
+    return bytes(buf)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    if not address.startswith("tcp://"):
+        raise TransferError(f"not a tcp transport address: {address!r}")
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit():
+        raise TransferError(f"bad tcp transport address: {address!r}")
+    return host, int(port)
+
+
+class TcpTransport(KVTransport):
+    name = "tcp"
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
+        self._offers: dict[str, list[torch.Tensor]] = {}
+        self._listener: socket.socket | None = None
+        self._port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # pooled client connections
+
+    # -- serving (prefill side) -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, 0))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        self._spawn(self._accept_loop(listener))
+
+    @property
+    def address(self) -> str:
+        if self._listener is None:
+            raise RuntimeError("transport not started")
+        return f"tcp://{self.host}:{self._port}"
+
+    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None:
+        self._offers[transfer_id] = list(views)
+
+    def withdraw(self, transfer_id: str) -> None:
+        self._offers.pop(transfer_id, None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            _tune(conn)
+            self._spawn(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    magic, length = _REQUEST.unpack(await _recv_exact(conn, _REQUEST.size))
+                except ConnectionError:
+                    return  # the puller closed its pooled connection
+                if magic != MAGIC:
+                    return
+                transfer_id = (await _recv_exact(conn, length)).decode()
+                views = self._offers.get(transfer_id)
+                if views is None:
+                    await loop.sock_sendall(conn, _REPLY.pack(_UNKNOWN, 0))
+                    continue
+                await loop.sock_sendall(conn, _REPLY.pack(_OK, total_nbytes(views)))
+                for chunk in chunks(views, _CHUNK):
+                    await loop.sock_sendall(conn, chunk)
+        except (ConnectionError, OSError):
+            return
+        finally:
+            conn.close()
+
+    # -- pulling (decode side) --------------------------------------------------------------------
+
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+                   timeout: float) -> TransferStats:
+        start = time.perf_counter()
+        try:
+            peer = parse_address(peer_address)
+            nbytes = await asyncio.wait_for(self._pull(peer, transfer_id, dest), timeout)
+        except TimeoutError as exc:
+            raise TransferError(f"pull of {transfer_id!r} from {peer_address} timed out") from exc
+        except (ConnectionError, OSError) as exc:
+            raise TransferError(f"pull of {transfer_id!r} from {peer_address} failed: {exc}") from exc
+        return TransferStats(nbytes, time.perf_counter() - start, self.name)
+
+    async def _pull(self, peer: tuple[str, int], transfer_id: str, dest: Sequence[torch.Tensor]) -> int:
+        loop = asyncio.get_running_loop()
+        idle = self._idle.setdefault(peer, [])
+        conn = idle.pop() if idle else await self._connect(peer)
+        reusable = False
+        try:
+            key = transfer_id.encode()
+            try:
+                await loop.sock_sendall(conn, _REQUEST.pack(MAGIC, len(key)) + key)
+                status, nbytes = _REPLY.unpack(await _recv_exact(conn, _REPLY.size))
+            except (ConnectionError, OSError):
+                conn.close()  # a pooled connection the peer closed: retry once on a fresh one
+                conn = await self._connect(peer)
+                await loop.sock_sendall(conn, _REQUEST.pack(MAGIC, len(key)) + key)
+                status, nbytes = _REPLY.unpack(await _recv_exact(conn, _REPLY.size))
+            if status == _UNKNOWN:
+                reusable = True
+                raise TransferError(f"peer {peer[0]}:{peer[1]} has no transfer {transfer_id!r} (withdrawn?)")
+            expected = total_nbytes(dest)
+            if nbytes != expected:
+                raise TransferError(f"transfer {transfer_id!r} has {nbytes} bytes, destination {expected}")
+            for view in dest:
+                data = byte_view(view)
+                got = 0
+                while got < len(data):
+                    k = await loop.sock_recv_into(conn, data[got:got + _CHUNK])
+                    if k == 0:
+                        raise ConnectionError("peer closed the connection mid-transfer")
+                    got += k
+            reusable = True
+            return nbytes
+        finally:
+            if reusable:
+                idle.append(conn)
+            else:
+                conn.close()
+
+    async def _connect(self, peer: tuple[str, int]) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        _tune(conn)
+        try:
+            await loop.sock_connect(conn, peer)
+        except OSError:
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        self._offers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
