@@ -1,0 +1,279 @@
+"""The lifecycle every worker shares: build the engine, connect, register, serve, report, shut down.
+
+A worker is an engine (on its own thread, services/worker/runner.py) plus NATS subscriptions.
+Roles (prefill, decode, colocated) subclass `Worker` and fill in what they subscribe to, what they
+do after a step, and how they describe their load. Load reports double as registration and
+heartbeat: sent at start, soon after the load changes, and every `heartbeat_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import nats
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from opentelemetry.context import Context
+
+from services.worker.runner import EngineRunner, StepResult
+from shared import protocol as p
+from shared.config import EngineSettings, Settings
+from shared.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
+from shared.state import StateWriter
+from shared.telemetry import Tracing
+from shared.transfer import KVTransport, create_transport
+
+log = logging.getLogger(__name__)
+
+_REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
+
+
+@dataclass
+class Tracked:
+    """A request this worker currently serves."""
+
+    request_id: str
+    reply_to: str
+    trace: Context | None
+    received: float
+
+
+class Worker(ABC):
+    role: ClassVar[p.Role]
+    uses_transport: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings, instance_id: str) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.engine_settings: EngineSettings = getattr(settings, self.role)
+        self.started_at = time.time()
+        self.requests: dict[str, Any] = {}  # request id -> Tracked (or a role's subclass of it)
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._seq = 0
+        self._last_report = 0.0
+        self._report_pending = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._steps: asyncio.Queue[StepResult[Any]] = asyncio.Queue()
+        self.tracing = Tracing(settings.telemetry, f"distserve-{self.role}")
+        self.nc: NATS | None = None
+        self.redis: aioredis.Redis | None = None
+        self.state = StateWriter(None, settings.request_ttl_s)
+        self.transport: KVTransport | None = None
+        self.engine: LLMEngine | None = None
+        self.runner: EngineRunner[Any] | None = None
+
+    # -- what roles provide ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def subscribe(self) -> None:
+        """Subscribe to this role's subjects."""
+
+    def post_step(self, outputs: list[StepOutput]) -> Any:
+        """Runs on the engine thread right after a step (e.g. export KV while it is still held)."""
+        return None
+
+    @abstractmethod
+    async def handle_step(self, result: StepResult[Any]) -> None:
+        """Runs on the event loop for every step that produced outputs, in step order."""
+
+    @abstractmethod
+    def load(self) -> p.WorkerLoad:
+        ...
+
+    async def on_abort(self, request_id: str) -> None:
+        """Forget a request everywhere it may be (the gateway aborted it)."""
+        if self.requests.pop(request_id, None) is not None:
+            await self.engine_call(lambda e: e.abort(request_id))
+            self.report_soon()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def build_engine(self) -> LLMEngine:
+        s = self.engine_settings
+        return LLMEngine(EngineConfig(
+            model=self.settings.model, role=self.role, max_num_batched_tokens=s.max_num_batched_tokens,
+            max_num_seqs=s.max_num_seqs, block_size=s.block_size, kv_cache_memory_gib=s.kv_cache_memory_gib,
+            num_threads=s.num_threads, chunked_prefill=s.chunked_prefill, dtype=s.dtype,
+        ))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until `stop()` (or a fatal error); returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        self.engine = await asyncio.to_thread(self.build_engine)
+        self.nc = await nats.connect(self.settings.nats_url or "nats://127.0.0.1:4222", name=self.instance_id,
+                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        if self.settings.redis_url:
+            self.redis = aioredis.from_url(self.settings.redis_url)
+            self.state = StateWriter(self.redis, self.settings.request_ttl_s)
+            self.state.start()
+        if self.uses_transport:
+            self.transport = create_transport(self.settings.worker.transport, self.settings.worker.transfer_host)
+            await self.transport.start()
+        self.runner = EngineRunner(self.engine, loop, self._steps.put_nowait, self.post_step, self._fatal)
+        self.runner.start()
+        await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
+        await self.subscribe()
+        self.spawn(self._step_loop())
+        self.spawn(self._heartbeat_loop())
+        await self.report()
+        log.info("%s ready: model %s, %d KV blocks, max_model_len %d", self.instance_id, self.engine.model_name,
+                 self.runner.stats.total_blocks, self.engine.max_model_len)
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+        return self.exit_code
+
+    async def shutdown(self) -> None:
+        for request_id, tracked in list(self.requests.items()):
+            await self.send_error(tracked.reply_to, request_id, f"worker {self.instance_id} shut down", 503)
+        self.requests.clear()
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.publish(p.Subjects.bye, p.WorkerBye(instance_id=self.instance_id).encode())
+                await self.nc.flush(timeout=2)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.runner is not None:
+            await self.runner.stop()
+        if self.transport is not None:
+            await self.transport.close()
+        await self.state.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        self.tracing.shutdown()
+
+    def _fatal(self, exc: BaseException) -> None:
+        log.error("%s: engine failed (%s); stopping", self.instance_id, exc)
+        self.exit_code = 1
+        self.stop()
+
+    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: task failed", self.instance_id, exc_info=task.exception())
+
+    async def _step_loop(self) -> None:
+        while True:
+            result = await self._steps.get()
+            try:
+                await self.handle_step(result)
+            except Exception:
+                log.exception("%s: handling step outputs failed", self.instance_id)
+            self.report_soon()
+
+    # -- helpers for roles --------------------------------------------------------------------------
+
+    def admit(self, req: p.PrefillRequest, tracked: Tracked) -> None:
+        """Queue a tokenized request in the engine (prefill and colocated roles)."""
+        self.requests[req.request_id] = tracked
+        params = SamplingParams(**req.sampling.model_dump())
+        future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, params))
+        future.add_done_callback(lambda f: self._admitted(req, f.exception()))
+
+    def _admitted(self, req: p.PrefillRequest, error: BaseException | None) -> None:
+        if error is None:
+            self.report_soon()
+            return
+        self.requests.pop(req.request_id, None)
+        status = 400 if isinstance(error, ValueError) else 500
+        self.spawn(self.send_error(req.reply_to, req.request_id, str(error), status))
+
+    def engine_call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future[Any]:
+        assert self.runner is not None
+        return self.runner.call(fn)
+
+    async def publish(self, subject: str, message: p.Message, headers: dict[str, str] | None = None) -> None:
+        assert self.nc is not None
+        await self.nc.publish(subject, message.encode(), headers=headers)
+
+    async def send_events(self, events: list[tuple[str, p.TokenEvent]]) -> None:
+        """One TokenBatch per gateway for everything one step produced."""
+        by_inbox: dict[str, list[p.TokenEvent]] = {}
+        for reply_to, event in events:
+            by_inbox.setdefault(reply_to, []).append(event)
+        for reply_to, batch in by_inbox.items():
+            await self.publish(reply_to, p.TokenBatch(instance_id=self.instance_id, events=batch))
+
+    async def send_error(self, reply_to: str, request_id: str, message: str, status: int) -> None:
+        event = p.TokenEvent(request_id=request_id, finished=True, error=message, status=status)
+        with contextlib.suppress(Exception):
+            await self.send_events([(reply_to, event)])
+        self.state.update(request_id, error=message)
+
+    @staticmethod
+    def event(output: StepOutput, **extra: Any) -> p.TokenEvent:
+        return p.TokenEvent(request_id=output.request_id, token_id=output.token_id, text=output.text,
+                            finished=output.finished, finish_reason=output.finish_reason,
+                            num_prompt_tokens=output.num_prompt_tokens,
+                            num_output_tokens=output.num_output_tokens, **extra)
+
+    # -- load reports ---------------------------------------------------------------------------------
+
+    def info(self) -> p.WorkerInfo:
+        assert self.engine is not None
+        self._seq += 1
+        return p.WorkerInfo(
+            instance_id=self.instance_id, role=self.role, model=self.engine.model_name,
+            max_model_len=self.engine.max_model_len, pid=os.getpid(), host=socket.gethostname(),
+            started_at=self.started_at, seq=self._seq,
+            transport=self.transport.name if self.transport else None,
+            transfer_address=self.transport.address if self.transport else None, load=self.load(),
+        )
+
+    async def report(self) -> None:
+        self._last_report = time.monotonic()
+        self._report_pending = False
+        if self.nc is not None and self.nc.is_connected:
+            await self.publish(p.Subjects.heartbeat, self.info())
+
+    def report_soon(self) -> None:
+        """A load report now, or as soon as the rate limit allows."""
+        if self._report_pending:
+            return
+        self._report_pending = True
+        delay = max(0.0, self._last_report + _REPORT_MIN_INTERVAL_S - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self.report()))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker.heartbeat_s)
+            try:
+                await self.report()
+            except Exception as exc:
+                log.warning("%s: heartbeat failed: %s", self.instance_id, exc)
+
+    async def _on_abort_msg(self, msg: Msg) -> None:
+        try:
+            abort = p.decode(p.AbortRequest, msg.data)
+        except ValueError:
+            log.warning("%s: malformed abort message dropped", self.instance_id)
+            return
+        if abort.request_id in self.requests:
+            self.spawn(self.on_abort(abort.request_id))  # never wait for the engine in a callback
