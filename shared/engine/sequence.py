@@ -14,13 +14,13 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_tokens: int = Field(16, ge=1, description="maximum number of tokens to generate")
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, description="-1 disables; otherwise keep the k most likely tokens")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: tuple[str, ...] = Field((), max_length=16)
-    stop_token_ids: tuple[int, ...] = Field((), max_length=64)
+    max_tokens: int = Field(default=16, ge=1, description="maximum number of tokens to generate")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, description="-1 disables; otherwise keep the k most likely tokens")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: tuple[str, ...] = Field(default=(), max_length=16)
+    stop_token_ids: tuple[int, ...] = Field(default=(), max_length=64)
     ignore_eos: bool = False
 
     @field_validator("top_k")
