@@ -15,6 +15,10 @@ from collections.abc import Sequence
 # Modules that add top-level subcommands (each has `register(subparsers)`).
 COMMAND_MODULES: list[str] = [
     "shared.engine.cli",
+    "services.launcher",
+    "services.gateway.cli",
+    "services.worker.cli",
+    "services.requests_cli",
 ]
 
 # Modules that add `distserve bench <name>` subcommands.

@@ -1,0 +1,219 @@
+"""The gateway: an OpenAI-compatible HTTP API in front of the prefill and decode workers.
+
+Requests are validated and tokenized here, admitted (429 when too many wait for a first token),
+dispatched over NATS (services/gateway/dispatch.py) and answered as JSON or as server-sent events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import nats
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway import schemas as s
+from services.gateway.dispatch import Dispatcher, InFlight
+from services.gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.registry import Registry
+from shared.config import Settings
+from shared.engine.model_files import model_display_name
+from shared.engine.tokenizer import Tokenizer, load_tokenizer
+from shared.protocol import TokenEvent
+from shared.state import StateWriter
+from shared.telemetry import Tracing
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """What the handlers share: settings, tokenizer, dispatcher (set up in the app's lifespan)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = model_display_name(settings.model)
+        model = "default" if settings.model.startswith("random:") else settings.model
+        self.tokenizer: Tokenizer = load_tokenizer(model)
+        self.registry = Registry(settings.worker.dead_after_s)
+        self.metrics = GatewayMetrics(self.registry)
+        self.tracing = Tracing(settings.telemetry, "distserve-gateway")
+        self.dispatcher: Dispatcher | None = None
+
+    def max_model_len(self) -> int:
+        return self.registry.max_model_len() or 0
+
+    def check_model(self, name: str) -> None:
+        served = {self.model_name, *self.registry.model_names()}
+        if name not in served:
+            raise APIError(404, f"model {name!r} is not served here; available: {sorted(served)}", param="model",
+                           code="model_not_found")
+
+    def budget(self, prompt_tokens: int, requested: int | None) -> int:
+        """max_tokens for a prompt: the requested number, or what is left of the context."""
+        limit = self.max_model_len()
+        if limit == 0:
+            raise APIError(503, "no live workers: the service is starting or its workers are down",
+                           code="no_workers")
+        if requested is None:
+            requested = limit - prompt_tokens
+        if prompt_tokens + requested > limit:
+            raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the "
+                                f"model's context length of {limit} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return requested
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            vocab = self.tokenizer.vocab_size
+            if any(t >= vocab for t in prompt):
+                raise APIError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return ids
+
+
+def create_app(settings: Settings) -> FastAPI:
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nc = await nats.connect(settings.nats_url or "nats://127.0.0.1:4222", name="gateway",
+                                max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+        state = StateWriter(redis, settings.request_ttl_s)
+        state.start()
+        gateway.dispatcher = Dispatcher(settings, nc, state, gateway.tracing, gateway.metrics, gateway.registry,
+                                        gateway.model_name)
+        await gateway.dispatcher.start()
+        try:
+            yield
+        finally:
+            await gateway.dispatcher.close()
+            await state.close()
+            if redis is not None:
+                await redis.aclose()
+            await nc.close()
+            gateway.tracing.shutdown()
+
+    app = FastAPI(title="distserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API over disaggregated prefill and decode workers")
+    app.state.gateway = gateway
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    _routes(app)
+    return app
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(gw: GatewayDep) -> JSONResponse:
+        roles = {role: len(gw.registry.alive(role)) for role in ("prefill", "decode", "colocated")}
+        ready = gw.registry.ready()
+        return JSONResponse({"status": "ok" if ready else "unavailable", "workers": roles},
+                            status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(gw: GatewayDep) -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(gw: GatewayDep) -> dict[str, Any]:
+        return s.models_response(sorted({gw.model_name, *gw.registry.model_names()}))
+
+    @app.post("/v1/completions")
+    async def completions(body: s.CompletionRequest, gw: GatewayDep) -> Response:
+        gw.check_model(body.model)
+        ids = gw.tokenize(body.prompt)  # type: ignore[arg-type]  # the validator left one prompt
+        max_tokens = gw.budget(len(ids), body.max_tokens)
+        return await _serve(gw, body, ids, max_tokens, "cmpl", s.completion_chunk, s.completion_response)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: s.ChatCompletionRequest, gw: GatewayDep) -> Response:
+        gw.check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = gw.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception as exc:  # the template rejects the conversation (roles out of order...)
+            raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from exc
+        ids = gw.tokenize(prompt)
+        max_tokens = gw.budget(len(ids), body.requested_max_tokens)
+        return await _serve(gw, body, ids, max_tokens, "chatcmpl", _chat_delta_chunk, s.chat_response)
+
+
+def _chat_delta_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
+    return s.chat_chunk(rid, model, created, {"content": text} if text else {}, finish)
+
+
+async def _serve(gw: Gateway, body: s.CompletionRequest | s.ChatCompletionRequest, ids: list[int],
+                 max_tokens: int, kind: str, chunk: Callable[..., dict[str, Any]],
+                 full: Callable[..., dict[str, Any]]) -> Response:
+    assert gw.dispatcher is not None
+    flight = gw.dispatcher.submit(ids, body.sampling(max_tokens), kind)
+    events = gw.dispatcher.stream(flight)
+    created = int(flight.arrived)
+    headers = {"X-Request-Id": flight.request_id}
+    if body.stream:
+        # Wait for the first token before sending headers: a request that fails before it (a worker
+        # rejects it, a timeout) still gets its real HTTP status instead of an error event.
+        try:
+            first = await anext(events)
+        except APIError:
+            await events.aclose()
+            raise
+        return StreamingResponse(_sse(flight, first, events, body, created, chunk), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers})
+    text = [event.text async for event in events]
+    return JSONResponse(full(flight.request_id, body.model, created, "".join(text), flight.finish_reason,
+                             flight.prompt_tokens, flight.output_tokens), headers=headers)
+
+
+async def _sse(flight: InFlight, first: TokenEvent, events: AsyncGenerator[TokenEvent, None],
+               body: s.CompletionRequest | s.ChatCompletionRequest, created: int,
+               chunk: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events; a client that disconnects closes this generator, which aborts the request."""
+    rid, model = flight.request_id, body.model
+    if isinstance(body, s.ChatCompletionRequest):
+        yield _data(s.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+    try:
+        event: TokenEvent | None = first
+        while event is not None:
+            if event.text or event.finished:
+                yield _data(chunk(rid, model, created, event.text, event.finish_reason if event.finished else None))
+            event = await anext(events, None)
+    except APIError as exc:  # headers are sent: a later failure travels as an error event
+        yield _data(exc.body())
+        yield "data: [DONE]\n\n"
+        return
+    finally:
+        await events.aclose()
+    if body.include_usage:
+        usage_chunk = chunk(rid, model, created, "", None)
+        usage_chunk["choices"] = []
+        usage_chunk["usage"] = s.usage(flight.prompt_tokens, flight.output_tokens)
+        yield _data(usage_chunk)
+    yield "data: [DONE]\n\n"
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

@@ -1,0 +1,216 @@
+"""`distserve up`: the whole stack on this machine, one command (what `make run` starts).
+
+Starts a nats-server and a redis-server on 127.0.0.1 (unless --nats-url / --redis-url point at
+external ones), resolves the settings once and hands them to every child as a file, then starts
+the workers and the gateway as child processes, each in its own session so that a Ctrl-C reaches
+only this launcher, which stops them in order: gateway, workers, servers. The cores are split
+between the workers. A child that dies is reported and stops the stack: nothing fails silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from shared.config import COMMON_FLAGS, GATEWAY_FLAGS, Settings, add_config_flag, add_flags, settings_from_args
+from shared.engine.model_files import cache_dir
+from shared.servers import NatsServer, RedisServer, ServerProcess
+
+log = logging.getLogger("distserve.up")
+
+_READY_TIMEOUT_S = 600.0  # a first start dequantizes the model (seconds) per process
+
+
+def stack_file() -> Path:
+    """Where a running embedded stack writes its URLs (read by `distserve requests`)."""
+    return cache_dir() / "stack.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("up", help="start the whole stack (servers, workers, gateway) on this machine")
+    add_config_flag(parser)
+    add_flags(parser, COMMON_FLAGS)
+    add_flags(parser, GATEWAY_FLAGS)
+    parser.add_argument("--mode", dest="cfg:mode", choices=["disaggregated", "colocated"], default=None,
+                        help="disaggregated prefill/decode workers (default) or colocated workers (baseline)")
+    parser.add_argument("--prefill", dest="cfg:prefill_instances", type=int, default=None, help="prefill workers")
+    parser.add_argument("--decode", dest="cfg:decode_instances", type=int, default=None, help="decode workers")
+    parser.add_argument("--workers", dest="cfg:colocated_instances", type=int, default=None,
+                        help="colocated workers (--mode colocated)")
+    parser.add_argument("--chunked-prefill", dest="cfg:colocated.chunked_prefill", action="store_true", default=None,
+                        help="colocated workers mix prefill chunks with decodes (Sarathi-Serve)")
+    parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"))
+    parser.set_defaults(func=run)
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+
+
+def worker_names(settings: Settings) -> list[tuple[str, str]]:
+    """(role, instance id) of every worker the settings ask for."""
+    if settings.mode == "colocated":
+        return [("colocated", f"colocated-{i}") for i in range(settings.colocated_instances)]
+    return ([("prefill", f"prefill-{i}") for i in range(settings.prefill_instances)]
+            + [("decode", f"decode-{i}") for i in range(settings.decode_instances)])
+
+
+def split_threads(settings: Settings, num_workers: int, cores: int) -> Settings:
+    """Give each worker role that has no explicit thread count its share of the cores."""
+    share = max(1, cores // max(1, num_workers))
+    updates = {role: getattr(settings, role).model_copy(update={"num_threads": share})
+               for role in ("prefill", "decode", "colocated") if getattr(settings, role).num_threads is None}
+    return settings.model_copy(update=updates)
+
+
+def check_counts(settings: Settings) -> None:
+    if settings.mode == "colocated" and settings.colocated_instances < 1:
+        raise ValueError("--mode colocated needs --workers >= 1")
+    if settings.mode == "disaggregated" and (settings.prefill_instances < 1 or settings.decode_instances < 1):
+        raise ValueError("the disaggregated stack needs --prefill >= 1 and --decode >= 1")
+
+
+class Stack:
+    def __init__(self, settings: Settings, log_level: str = "INFO", announce: bool = True) -> None:
+        self.settings = settings
+        self.log_level = log_level
+        self.announce = announce  # write stack_file() for `distserve requests` (not in tests)
+        self.servers: list[ServerProcess] = []
+        self.children: list[Child] = []
+        self._dir = tempfile.TemporaryDirectory(prefix="distserve-up-")
+        self.stopping = False
+
+    def start(self) -> None:
+        s = self.settings
+        updates: dict[str, str] = {}
+        if s.nats_url is None:
+            updates["nats_url"] = self._server(NatsServer()).url
+        if s.redis_url is None:
+            updates["redis_url"] = self._server(RedisServer()).url
+        workers = worker_names(s)
+        s = split_threads(s.model_copy(update=updates), len(workers), os.cpu_count() or 1)
+        self.settings = s
+        config = Path(self._dir.name) / "settings.json"
+        config.write_text(s.model_dump_json())
+        for role, instance_id in workers:
+            self._spawn(instance_id, [role, "--config", str(config), "--instance-id", instance_id])
+        self._spawn("gateway", ["gateway", "--config", str(config)])
+        if self.announce:
+            stack_file().parent.mkdir(parents=True, exist_ok=True)
+            stack_file().write_text(json.dumps({"gateway": self.url, "nats_url": s.nats_url,
+                                                "redis_url": s.redis_url, "pid": os.getpid()}))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.gateway.host}:{self.settings.gateway.port}"
+
+    def _server(self, server: ServerProcess) -> ServerProcess:
+        server.start()
+        self.servers.append(server)
+        log.info("%s listening on %s (pid %d)", server.name, server.url, server.pid)
+        return server
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = {**os.environ, "DISTSERVE_LOG_LEVEL": self.log_level}
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.children.append(Child(name, proc))
+        log.info("started %s (pid %d)", name, proc.pid)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until the gateway reports every worker alive; RuntimeError if a child dies first."""
+        expected = len(self.children) - 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping:
+            dead = self.dead_child()
+            if dead is not None:
+                raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode} during start-up")
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                health = httpx.get(f"{self.url}/health", timeout=1.0).json()
+                if sum(health.get("workers", {}).values()) >= expected:
+                    return
+            time.sleep(0.25)
+        if not self.stopping:
+            raise RuntimeError(f"the stack was not ready after {timeout:.0f} s")
+
+    def watch(self) -> int:
+        """Block until a signal (exit 0) or a child's death (exit 1)."""
+        while not self.stopping:
+            dead = self.dead_child()
+            if dead is not None:
+                log.error("%s (pid %d) exited with code %s; stopping the stack", dead.name, dead.proc.pid,
+                          dead.proc.returncode)
+                return 1
+            time.sleep(0.5)
+        return 0
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def stop(self) -> None:
+        """Gateway first (no new requests), then workers, then servers; each by its PID."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", child.name)
+                child.proc.kill()
+                child.proc.wait()
+        for server in reversed(self.servers):
+            server.stop()
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if json.loads(stack_file().read_text()).get("pid") == os.getpid():
+                stack_file().unlink()
+        self._dir.cleanup()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s up %(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per health poll
+    try:
+        settings = settings_from_args(args)
+        check_counts(settings)
+    except ValueError as exc:
+        print(f"distserve up: {exc}", file=sys.stderr)
+        return 2
+    stack = Stack(settings, args.log_level.upper())
+    signal.signal(signal.SIGINT, stack.request_stop)
+    signal.signal(signal.SIGTERM, stack.request_stop)
+    try:
+        stack.start()
+        stack.wait_ready(_READY_TIMEOUT_S)
+        if stack.stopping:
+            return 0
+        model = json.loads(httpx.get(f"{stack.url}/v1/models", timeout=5).text)["data"][0]["id"]
+        print(f"\ndistserve is serving {model} at {stack.url}  (Ctrl-C stops it)\n"
+              f"  curl {stack.url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"What is the capital of France?\"}}]}}'\n"
+              f"  metrics: {stack.url}/metrics   health: {stack.url}/health\n", flush=True)
+        return stack.watch()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        stack.stop()
