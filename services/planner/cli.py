@@ -1,0 +1,187 @@
+"""`distserve plan`, `distserve profile` and `distserve planner` (the online planner service)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from services.planner.latency import LatencyModel, load_profiles, reference_profiles, save_profiles
+from services.planner.simulator import Limits
+from services.planner.specs import SLO, Cluster, gpu_spec, model_key, model_shape
+from services.planner.workload import Lengths, load_lengths, make_trace, synthetic_lengths
+
+REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def add_problem_args(p: argparse.ArgumentParser) -> None:
+    """What plan and planner share: model, hardware, profile, SLO and simulation settings."""
+    p.add_argument("--model", required=True, help="opt-13b, opt-66b, llama-2-70b, ... or a profile's model name")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=positive_int, default=8)
+    p.add_argument("--gpu", default="a100", help="a100 | h100 | h200 (default a100)")
+    p.add_argument("--profile", default="reference",
+                   help=f"reference ({REFERENCE_NOTE}; the colocated baseline uses vLLM's), roofline "
+                        "(analytical, any model and GPU), or a profile JSON from `distserve profile`")
+    p.add_argument("--ttft", type=positive_float, required=True, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
+    p.add_argument("--attainment", type=fraction, default=0.9, help="SLO attainment target (default 0.9)")
+    p.add_argument("--algorithm", choices=["1", "2", "auto"], default="auto",
+                   help="1: high node-affinity, 2: low node-affinity, auto: 1 if it meets the SLO end to end")
+    p.add_argument("--network-gbps", type=positive_float, default=25.0, help="cross-node bandwidth (default 25)")
+    p.add_argument("--num-requests", type=positive_int, default=1000, help="requests per simulation")
+    p.add_argument("--max-total-tokens", type=positive_int, default=2048, help="context cap (OPT: 2048)")
+    p.add_argument("--prefill-budget", type=positive_int, default=Limits().prefill_token_budget)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def register(subparsers: Any) -> None:
+    plan = subparsers.add_parser("plan", help="search prefill/decode placements for a model, cluster and SLO")
+    add_problem_args(plan)
+    plan.add_argument("--workload", default="sharegpt",
+                      help="sharegpt (paper's chatbot), chatbot, code, summarization, or fixed:IN:OUT")
+    plan.add_argument("--rate", type=positive_float, required=True, help="target requests/s")
+    plan.add_argument("--cv", type=positive_float, default=1.0, help="arrival burstiness (1: Poisson)")
+    out = plan.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--yaml", action="store_true")
+    plan.set_defaults(func=_guard(run_plan))
+
+    prof = subparsers.add_parser("profile", help="measure our engine's step times here and fit a profile")
+    prof.add_argument("--model", default="default", help="engine model: default | path | 'random:{...}'")
+    prof.add_argument("--name", help="model name in the profile (default: from --model)")
+    prof.add_argument("--out", required=True, help="profile JSON to write")
+    prof.add_argument("--prefill-lengths", default="16,64,128,256,512")
+    prof.add_argument("--prefill-batches", default="1,2,4")
+    prof.add_argument("--decode-batches", default="1,2,4,8,16")
+    prof.add_argument("--decode-contexts", default="32,128,512")
+    prof.add_argument("--decode-steps", type=positive_int, default=4)
+    prof.add_argument("--repeats", type=positive_int, default=2)
+    prof.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
+    prof.add_argument("--threads", type=positive_int, default=None)
+    prof.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    prof.add_argument("--hardware", help="label for this machine (default: cpu-<arch>-<threads>t)")
+    prof.set_defaults(func=_guard(run_profile))
+
+    from services.planner.service import register_service
+
+    register_service(subparsers)
+
+
+def _guard(fn: Any) -> Any:
+    """Bad input (ValueError) becomes a one-line error and exit status 2, like argparse's own errors."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except ValueError as e:
+            print(f"distserve {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def resolve_profiles(args: argparse.Namespace) -> tuple[LatencyModel, LatencyModel]:
+    """(disaggregated engine's profile, colocated baseline's profile) for --model/--gpu/--profile."""
+    gpu = gpu_spec(args.gpu)
+    key = model_key(args.model)
+    if args.profile == "reference":
+        if gpu.name != "a100":
+            raise ValueError(f"{REFERENCE_NOTE}; use --profile roofline for {gpu.name}")
+        ours, vllm = reference_profiles("distserve"), reference_profiles("vllm")
+        if key not in ours or key not in vllm:
+            raise ValueError(f"{REFERENCE_NOTE}, not {args.model!r}; use --profile roofline")
+        return ours[key], vllm[key]
+    if args.profile == "roofline":
+        from services.planner.roofline import roofline_model
+
+        model = roofline_model(model_shape(args.model), gpu)
+        return model, model
+    models = load_profiles(args.profile)
+    if key not in models:
+        raise ValueError(f"profile {args.profile} has no model {key!r} (it has {sorted(models)})")
+    return models[key], models[key]
+
+
+def load_workload_lengths(name: str, max_total: int, seed: int) -> Lengths:
+    if name.startswith("fixed:"):
+        try:
+            inp, out = (int(x) for x in name.removeprefix("fixed:").split(":"))
+        except ValueError:
+            raise ValueError(f"fixed workload is fixed:IN:OUT, got {name!r}") from None
+        if inp < 1 or out < 1:
+            raise ValueError(f"fixed workload lengths must be >= 1, got {name!r}")
+        return synthetic_lengths(inp, out)
+    return load_lengths(name, seed=seed, max_total_tokens=max_total)
+
+
+def cluster_from(args: argparse.Namespace) -> Cluster:
+    return Cluster(args.nodes, args.gpus_per_node, nvlink_bandwidth=gpu_spec(args.gpu).nvlink_bandwidth,
+                   network_bandwidth=args.network_gbps * 1e9 / 8)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from services.planner.placement import PlanError, Problem, plan_placement
+    from services.planner.report import plan_json, plan_yaml, print_plan
+
+    model, baseline = resolve_profiles(args)
+    lengths = load_workload_lengths(args.workload, args.max_total_tokens, args.seed)
+    problem = Problem(model, cluster_from(args), SLO(args.ttft, args.tpot, args.attainment), args.rate,
+                      make_trace(lengths, args.num_requests, seed=args.seed, cv=args.cv),
+                      Limits(prefill_token_budget=args.prefill_budget))
+    algorithm = "auto" if args.algorithm == "auto" else int(args.algorithm)
+    try:
+        plan = plan_placement(problem, algorithm, baseline)  # type: ignore[arg-type]
+    except PlanError as e:
+        print(f"distserve plan: no plan: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(plan_json(plan))
+    elif args.yaml:
+        print(plan_yaml(plan), end="")
+    else:
+        print_plan(plan)
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from services.planner.profiler import Grid, fit_report, parse_ints, profile_engine
+    from shared.engine import EngineConfig
+
+    grid = Grid(parse_ints(args.prefill_lengths), parse_ints(args.prefill_batches), parse_ints(args.decode_batches),
+                parse_ints(args.decode_contexts), args.decode_steps, args.repeats)
+    name = args.name or ("random" if args.model.startswith("random:") else model_key(args.model))
+    config = EngineConfig(model=args.model, kv_cache_memory_gib=args.kv_cache_gib, num_threads=args.threads,
+                          dtype=args.dtype)
+    model = profile_engine(config, grid, model_key(name), args.hardware, seed=0)
+    for line in fit_report(model):
+        print(line)
+    save_profiles(args.out, [model])
+    print(f"saved profile of {model.model} on {model.hardware} to {args.out} "
+          f"(use: distserve plan --profile {args.out} --model {model.model} ...)")
+    return 0

@@ -1,0 +1,207 @@
+"""The online planner: watch the serving traffic on NATS, replan when it shifts, publish the plan.
+
+Monitoring only reads messages the system already sends (no protocol change):
+  - ``PrefillRequest`` on ``prefill.*.submit`` / ``colocated.*.submit``: arrival time and prompt length;
+  - ``TokenBatch`` on ``gateway.*.tokens``: a request's first event is its first token (TTFT), its
+    finished event gives the output length and, with the first, its TPOT;
+  - ``WorkerInfo`` heartbeats: how many workers of each role run now.
+Policy (policy.py) decides; actuation here is advisory: the plan is published as JSON on
+``PLAN_SUBJECT`` and exported as Prometheus gauges (starting and stopping workers is left to an operator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import nats
+from nats.aio.msg import Msg
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from pydantic import ValidationError
+
+from services.planner.policy import Observed, Policy, WindowStats, plan_for, should_replan, window_stats
+from services.planner.report import plan_to_dict
+from shared.protocol import PREFIX, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
+
+log = logging.getLogger(__name__)
+PLAN_SUBJECT = f"{PREFIX}.planner.plan"  # advisory output, JSON of report.plan_to_dict
+SUBMIT_SUBJECTS = (f"{PREFIX}.prefill.*.submit", f"{PREFIX}.colocated.*.submit")
+TOKENS_SUBJECT = f"{PREFIX}.gateway.*.tokens"
+
+
+class Tracker:
+    """Requests seen in the last ``keep`` seconds, built from the traffic (wall-clock times)."""
+
+    def __init__(self, keep: float) -> None:
+        self.keep = keep
+        self.pending: dict[str, dict[str, float]] = {}  # request_id -> arrived, input, first
+        self.done: deque[Observed] = deque()
+        self.workers: dict[str, str] = {}  # instance -> role
+
+    def arrived(self, request_id: str, arrived_at: float, input_tokens: int) -> None:
+        self.pending.setdefault(request_id, {"arrived": arrived_at, "input": float(input_tokens)})
+
+    def event(self, request_id: str, finished: bool, output_tokens: int, at: float) -> None:
+        entry = self.pending.get(request_id)
+        if entry is None:
+            return  # arrived before we subscribed
+        entry.setdefault("first", at)
+        if finished:
+            del self.pending[request_id]
+            first, n = entry["first"], max(output_tokens, 1)
+            tpot = (at - first) / (n - 1) if n > 1 else float("nan")
+            self.done.append(Observed(entry["arrived"], int(entry["input"]), n, first - entry["arrived"], tpot))
+
+    def requests(self, now: float) -> list[Observed]:
+        while self.done and self.done[0].arrived_at < now - self.keep:
+            self.done.popleft()
+        stale = [k for k, v in self.pending.items() if v["arrived"] < now - self.keep]
+        for k in stale:
+            del self.pending[k]
+        unfinished = [Observed(v["arrived"], int(v["input"])) for v in self.pending.values()]
+        return list(self.done) + unfinished
+
+
+class Gauges:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def g(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"distserve_planner_{name}", doc, labels, registry=registry)
+
+        self.instances = g("instances", "recommended instances per phase", ("phase",))
+        self.tp = g("tensor_parallel", "recommended tensor-parallel degree per phase", ("phase",))
+        self.pp = g("pipeline_parallel", "recommended pipeline-parallel degree per phase", ("phase",))
+        self.gpus = g("gpus", "GPUs the recommended plan uses")
+        self.rate = g("observed_rate", "arrivals/s over the window")
+        self.attainment = g("observed_attainment", "SLO attainment of finished requests over the window")
+        self.workers = g("workers", "workers reporting heartbeats, by role", ("role",))
+        self.replans = g("replans", "plans made since start")
+
+    def observe(self, stats: WindowStats, workers: dict[str, str]) -> None:
+        self.rate.set(stats.rate)
+        self.attainment.set(stats.attainment)
+        for role in ("prefill", "decode", "colocated"):
+            self.workers.labels(role).set(sum(1 for r in workers.values() if r == role))
+
+    def plan(self, plan: dict[str, Any]) -> None:
+        for phase in ("prefill", "decode"):
+            self.instances.labels(phase).set(plan[phase]["instances"])
+            self.tp.labels(phase).set(plan[phase]["tp"])
+            self.pp.labels(phase).set(plan[phase]["pp"])
+        self.gpus.set(plan["gpus"])
+        self.replans.inc()
+
+
+class PlannerService:
+    def __init__(self, policy: Policy, nats_url: str, window: float, interval: float,
+                 registry: CollectorRegistry | None = None) -> None:
+        if window <= 0 or interval <= 0:
+            raise ValueError("window and interval must be positive")
+        self.policy, self.nats_url, self.window, self.interval = policy, nats_url, window, interval
+        self.tracker = Tracker(keep=window)
+        self.gauges = Gauges(registry or CollectorRegistry())
+        self.last: WindowStats | None = None
+        self.plans: list[dict[str, Any]] = []
+
+    async def _on_submit(self, msg: Msg) -> None:
+        try:
+            req = decode(PrefillRequest, msg.data)
+        except ValidationError:
+            return
+        self.tracker.arrived(req.request_id, req.arrived_at, len(req.prompt_token_ids))
+
+    async def _on_tokens(self, msg: Msg) -> None:
+        now = time.time()
+        try:
+            batch = decode(TokenBatch, msg.data)
+        except ValidationError:
+            return
+        for e in batch.events:
+            self.tracker.event(e.request_id, e.finished, e.num_output_tokens, now)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            info = decode(WorkerInfo, msg.data)
+        except ValidationError:
+            return
+        self.tracker.workers[info.instance_id] = info.role
+
+    async def tick(self, nc: Any, now: float | None = None) -> dict[str, Any] | None:
+        """One policy evaluation; publishes and returns the new plan if one was made."""
+        now = time.time() if now is None else now
+        stats = window_stats(self.tracker.requests(now), now, self.window, self.policy.slo)
+        self.gauges.observe(stats, self.tracker.workers)
+        reason = should_replan(self.last, stats, self.policy)
+        if reason is None:
+            return None
+        try:
+            plan = await asyncio.to_thread(plan_for, stats, self.policy)
+        except ValueError as e:  # PlanError included: keep serving the old plan, say why
+            log.warning("replan (%s) failed: %s", reason, e)
+            return None
+        out = plan_to_dict(plan) | {"reason": reason, "observed_rate": stats.rate, "at": now}
+        self.last = stats
+        self.plans.append(out)
+        self.gauges.plan(out)
+        await nc.publish(PLAN_SUBJECT, json.dumps(out).encode())
+        log.info("new plan (%s): prefill %s x%d, decode %s x%d", reason, out["prefill"]["tp"],
+                 out["prefill"]["instances"], out["decode"]["tp"], out["decode"]["instances"])
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await nats.connect(self.nats_url)
+        try:
+            for subject in SUBMIT_SUBJECTS:
+                await nc.subscribe(subject, cb=self._on_submit)
+            await nc.subscribe(TOKENS_SUBJECT, cb=self._on_tokens)
+            await nc.subscribe(Subjects.heartbeat, cb=self._on_heartbeat)
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.interval)
+                except TimeoutError:
+                    await self.tick(nc)
+        finally:
+            await nc.drain()
+
+
+def register_service(subparsers: Any) -> None:
+    from services.planner.cli import add_problem_args
+
+    p = subparsers.add_parser("planner", help="online planner: watch traffic on NATS, publish recommended plans")
+    add_problem_args(p)
+    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    p.add_argument("--window", type=float, default=60.0, help="seconds of traffic to plan from")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between policy evaluations")
+    p.add_argument("--threshold", type=float, default=0.2, help="relative shift that triggers a replan")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port on 127.0.0.1 (0: none)")
+    p.set_defaults(func=_run_service)
+
+
+def _run_service(args: argparse.Namespace) -> int:
+    from services.planner.cli import cluster_from, resolve_profiles
+    from services.planner.simulator import Limits
+    from services.planner.specs import SLO
+
+    try:
+        model, baseline = resolve_profiles(args)
+        policy = Policy(model, cluster_from(args), SLO(args.ttft, args.tpot, args.attainment), baseline,
+                        rel_change=args.threshold, num_requests=min(args.num_requests, 1000),
+                        limits=Limits(prefill_token_budget=args.prefill_budget), seed=args.seed)
+        registry = CollectorRegistry()
+        service = PlannerService(policy, args.nats_url, args.window, args.interval, registry)
+    except ValueError as e:
+        print(f"distserve planner: error: {e}", file=sys.stderr)
+        return 2
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+    logging.basicConfig(level=logging.INFO)
+    stop = asyncio.Event()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
+        asyncio.run(service.run(stop))
+    return 0
