@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Modules that add top-level subcommands (each has `register(subparsers)`).
 COMMAND_MODULES: list[str] = [
     "shared.engine.cli",
+    "services.planner.cli",
     "services.launcher",
     "services.gateway.cli",
     "services.worker.cli",
