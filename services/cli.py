@@ -25,6 +25,9 @@ COMMAND_MODULES: list[str] = [
 # Modules that add `distserve bench <name>` subcommands.
 BENCH_MODULES: list[str] = [
     "shared.bench.engine",
+    "shared.bench.serve",
+    "shared.bench.overhead",
+    "shared.bench.compare",
 ]
 
 

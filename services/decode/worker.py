@@ -40,6 +40,7 @@ class DecodeTracked(Tracked):
     phase: Phase = "pending"
     transfer: p.TransferInfo | None = None  # rides on the request's first decode event
     decode_start: float = 0.0
+    compute_s: float = 0.0  # time in the decode steps that produced its tokens (overhead attribution)
     aborted: bool = field(default=False)
 
 
@@ -157,8 +158,10 @@ class DecodeWorker(Worker):
                 continue
             events.append((tracked.reply_to, self.event(out, transfer=tracked.transfer)))
             tracked.transfer = None
+            tracked.compute_s += result.ended - result.started
             if out.finished:
                 self.requests.pop(out.request_id, None)
+                self.state.update(out.request_id, decode_compute_s=round(tracked.compute_s, 6))
                 self.tracing.record("decode", tracked.decode_start, result.ended, tracked.trace,
                                     {"instance": self.instance_id, "output_tokens": out.num_output_tokens})
                 self._room.set()
