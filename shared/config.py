@@ -58,7 +58,7 @@ class GatewaySettings(_Section):
 class WorkerSettings(_Section):
     heartbeat_s: float = Field(default=0.5, gt=0, description="interval of load reports")
     dead_after_s: float = Field(default=3.0, gt=0, description="a worker silent this long is dropped")
-    transport: str = Field(default="tcp", description="KV transport: tcp (ucx when installed)")
+    transport: str = Field(default="auto", description="KV transport: auto (ucx when ucxx imports, else tcp), ucx, tcp")
     transfer_host: str = Field(default="127.0.0.1", description="address the KV transport listens on")
     kv_lease_s: float = Field(default=300.0, gt=0, description="prefill frees KV nobody pulled after this")
     pull_timeout_s: float = Field(default=60.0, gt=0)
@@ -139,7 +139,7 @@ COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model", str, "model: 'default', a .gguf file, a HF directory or random:<json>"),
     "--nats-url": ("nats_url", str, "NATS server URL (external)"),
     "--redis-url": ("redis_url", str, "Redis URL (external)"),
-    "--transport": ("worker.transport", str, "KV transport: tcp | ucx"),
+    "--transport": ("worker.transport", str, "KV transport: auto (ucx when installed, else tcp) | ucx | tcp"),
     "--transfer-host": ("worker.transfer_host", str, "address the KV transport binds"),
     "--otel": ("telemetry.exporter", str, "trace exporter: none | console | otlp"),
     "--otlp-endpoint": ("telemetry.otlp_endpoint", str, "OTLP/HTTP traces endpoint"),

@@ -13,19 +13,23 @@ Two halves, as in vLLM's KV connector:
 Both sides see a list of contiguous tensors and treat it as one byte stream: view sizes may differ
 between the two sides (different block ids make different runs), only the total must match.
 
-Implementations register in `TRANSPORTS` by name and are built with `create_transport(name, host)`;
+Implementations register in `TRANSPORTS` by name and are built with `create_transport(name, host)`
+("auto": ucx where ucxx is installed, else tcp);
 the services never import one directly, so a new transport (UCX) plugs in without touching them.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
@@ -92,8 +96,17 @@ TRANSPORTS: dict[str, str] = {
 
 
 def create_transport(name: str, host: str = "127.0.0.1") -> KVTransport:
+    """Build a transport by name; "auto" is ucx where ucxx imports, else tcp."""
+    if name == "auto":
+        try:
+            transport = create_transport("ucx", host)
+        except ValueError as exc:
+            log.info("KV transport auto: ucx is not available (%s); using tcp", exc)
+            return create_transport("tcp", host)
+        log.info("KV transport auto: using ucx")
+        return transport
     if name not in TRANSPORTS:
-        raise ValueError(f"unknown KV transport {name!r}; choose one of {sorted(TRANSPORTS)}")
+        raise ValueError(f"unknown KV transport {name!r}; choose auto or one of {sorted(TRANSPORTS)}")
     module_name, class_name = TRANSPORTS[name].split(":")
     try:
         module = importlib.import_module(module_name)

@@ -1,0 +1,439 @@
+"""KV transfer over UCX (ucxx): shared memory between processes on one host, TCP or RDMA across hosts.
+
+No listener: `create_listener` binds every interface, so peers connect by worker address instead.
+`address` is "ucx://" + the worker address (url-safe base64); the puller sends its own worker
+address in each request so the offering side can answer. Tagged messages, per pull:
+
+  puller -> server, tag REQUEST_TAG:  header (magic, reply tag base, timeout, lengths), transfer id,
+                                      puller worker address, destination view sizes (u64 each)
+  server -> puller, tag base:         reply (magic, status, source view count, total bytes), source sizes
+  server -> puller, tag base + 1 + i: segment i of the byte stream
+
+Both sides cut the stream at every view boundary of either side (`_segments`), so each segment is one
+contiguous slice of a source view and of a destination view: UCX reads the prefill cache and writes
+the decode cache directly, no copies in Python.
+
+Environment: UCX reads `UCX_TLS`, `UCX_NET_DEVICES` and its other variables as usual. When
+`UCX_NET_DEVICES` is unset and the transport host is a loopback address, network devices are
+restricted to `lo` (nothing listens on other interfaces; shared memory is not a network device).
+Endpoints run without UCX error handling, since UCX picks shared memory only then; a dead or silent
+peer therefore shows up as a pull timeout, not as an endpoint error. UCX does not report which
+transport an endpoint chose through ucxx: `start()` logs the resources UCX may use, and
+`UCX_PROTO_INFO=y` makes UCX print its per-endpoint protocol choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import struct
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 ignores
+
+import ucxx._lib.libucxx as ucx_api  # noqa: E402  # after the environment default above
+from ucxx._lib.arr import Array  # noqa: E402
+from ucxx.exceptions import UCXError  # noqa: E402
+from ucxx.types import Tag  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ucx://"
+MAGIC = b"DSKV"
+REQUEST_TAG = 0x44534B56_00000001  # top bit clear: never a reply tag base
+_REQUEST = struct.Struct("<4sQdIII")  # magic, reply tag base, timeout s, id length, address length, views
+_REPLY = struct.Struct("<4sIIQ")  # magic, status, source view count, total bytes
+_OK, _UNKNOWN, _MISMATCH, _TOO_MANY = 0, 1, 2, 3
+MAX_VIEWS = 16384  # per side; a request's KV is a few runs of blocks, so this is generous
+MAX_ID = 1024
+_MAX_ADDRESS = 16384
+_MAX_REQUEST = _REQUEST.size + MAX_ID + _MAX_ADDRESS + 8 * MAX_VIEWS
+_SEGMENT_BITS = 24  # low bits of a reply tag: 0 reply, 1.. segments
+_GRACE_S = 1.0  # the server waits this long past the puller's timeout before it stops waiting on its sends
+_SAFETY_PROGRESS_S = 1.0  # progress at least this often even if UCX raises no event
+
+
+def parse_address(address: str) -> bytes:
+    if not address.startswith(PREFIX):
+        raise TransferError(f"not a ucx transport address: {address[:40]!r}")
+    try:
+        raw = base64.urlsafe_b64decode(address[len(PREFIX):].encode())
+    except (binascii.Error, ValueError) as exc:
+        raise TransferError(f"bad ucx transport address: {address[:40]!r}") from exc
+    if not raw or len(raw) > _MAX_ADDRESS:
+        raise TransferError(f"bad ucx transport address: {address[:40]!r}")
+    return raw
+
+
+def _segments(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int, int, int]]:
+    """(src view, src offset, dst view, dst offset, length) for the stream cut at both sides' boundaries."""
+    out: list[tuple[int, int, int, int, int]] = []
+    si = di = so = do = 0
+    while si < len(src) and di < len(dst):
+        n = min(src[si] - so, dst[di] - do)
+        if n > 0:
+            out.append((si, so, di, do, n))
+        so += n
+        do += n
+        if so == src[si]:
+            si, so = si + 1, 0
+        if do == dst[di]:
+            di, do = di + 1, 0
+    return out
+
+
+def _sizes(data: bytes | np.ndarray, count: int, offset: int) -> list[int]:
+    return [int(n) for n in np.frombuffer(data, dtype="<u8", count=count, offset=offset)]
+
+
+@dataclass
+class _Waiter:
+    requests: list[Any]  # ucx_api.UCXRequest
+    future: asyncio.Future[None]
+    keep: object  # buffers UCX reads or writes until the requests complete
+    done: int = 0
+
+
+@dataclass
+class _Request:
+    reply_tag: int
+    timeout: float
+    transfer_id: str
+    address: bytes
+    dest_sizes: list[int] = field(default_factory=list)
+
+
+class _Progress:
+    """Drives one UCX worker from the asyncio loop: polls while requests are in flight, sleeps on
+    the worker's epoll descriptor otherwise (ucxx's own thread mode halves bandwidth on 2 cores)."""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._worker = worker
+        self._loop = loop
+        self._waiters: list[_Waiter] = []
+        self._orphans: list[tuple[list[Any], object]] = []
+        self._scheduled = False
+        self._closed = False
+        worker.init_blocking_progress_mode()
+        self._fd: int = worker.epoll_file_descriptor
+        loop.add_reader(self._fd, self.drive)
+        self._timer = loop.call_later(_SAFETY_PROGRESS_S, self._tick)
+
+    def _tick(self) -> None:
+        self.drive()
+        self.prune()
+        self._timer = self._loop.call_later(_SAFETY_PROGRESS_S, self._tick)
+
+    def _poll(self) -> None:
+        self._scheduled = False
+        self.drive()
+
+    def drive(self) -> None:
+        if self._closed:
+            return
+        self._worker.progress()
+        self._settle()
+        if self._waiters:
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._poll)
+            return
+        while not self._worker.arm():  # arm only when UCX has nothing left to do, then wait for epoll
+            self._worker.progress()
+            self._settle()
+
+    def _settle(self) -> None:
+        pending = []
+        for waiter in self._waiters:
+            if waiter.future.done():
+                continue
+            reqs = waiter.requests
+            try:
+                while waiter.done < len(reqs) and reqs[waiter.done].completed:
+                    reqs[waiter.done].check_error()
+                    waiter.done += 1
+            except UCXError as exc:
+                waiter.future.set_exception(exc)
+                continue
+            if waiter.done == len(reqs):
+                waiter.future.set_result(None)
+            else:
+                pending.append(waiter)
+        self._waiters = pending
+
+    async def wait(self, requests: list[Any], keep: object = None) -> None:
+        """Until every request completed; raises the first UCX error. A waiter given up on (timeout,
+        error) leaves its requests and buffers with the orphans until UCX is done with them."""
+        waiter = _Waiter(requests, self._loop.create_future(), keep)
+        self._waiters.append(waiter)
+        self.drive()
+        try:
+            await waiter.future
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if not all(r.completed for r in requests):
+                self._orphans.append((requests, keep))
+
+    def adopt(self, requests: list[Any], keep: object) -> None:
+        """Keep `keep` alive until `requests` completed, without waiting for them."""
+        self._orphans.append((requests, keep))
+
+    def prune(self) -> None:
+        self._orphans = [(reqs, keep) for reqs, keep in self._orphans if not all(r.completed for r in reqs)]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._timer.cancel()
+        self._loop.remove_reader(self._fd)
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(TransferError("transport closed"))
+        self._waiters.clear()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class UcxTransport(KVTransport):
+    name = "ucx"
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
+        self._offers: dict[str, list[torch.Tensor]] = {}
+        self._worker: Any = None
+        self._context: Any = None
+        self._progress: _Progress | None = None
+        self._endpoints: dict[bytes, Any] = {}  # peer worker address -> UCXEndpoint
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._address = ""
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        options: dict[str, str] = {}
+        if "UCX_NET_DEVICES" not in os.environ and _is_loopback(self.host):
+            options["NET_DEVICES"] = "lo"
+        try:
+            self._context = ucx_api.UCXContext(options, (ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP))
+            self._worker = ucx_api.UCXWorker(self._context)
+        except UCXError as exc:
+            raise TransferError(f"UCX could not start: {exc}") from exc
+        self._progress = _Progress(self._worker, asyncio.get_running_loop())
+        self._address = PREFIX + base64.urlsafe_b64encode(self._worker.address.tobytes()).decode()
+        resources = re.findall(r"resource\s+\d+\s*:.*--\s*(\S+)", self._context.info)
+        log.info("UCX KV transport (UCX %s): UCX_TLS=%s, net devices %s, may use %s",
+                 ".".join(map(str, ucx_api.get_ucx_version())), os.environ.get("UCX_TLS", "all"),
+                 self._context.config.get("NET_DEVICES", "?"), ", ".join(resources))
+        self._spawn(self._serve())
+
+    @property
+    def address(self) -> str:
+        if not self._address:
+            raise RuntimeError("transport not started")
+        return self._address
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _endpoint(self, address: bytes) -> Any:
+        ep = self._endpoints.get(address)
+        if ep is None:
+            ucx_address = ucx_api.UCXAddress.create_from_buffer(address)
+            ep = ucx_api.UCXEndpoint.create_from_worker_address(self._worker, ucx_address, False)
+            self._endpoints[address] = ep
+        return ep
+
+    def _forget(self, address: bytes) -> None:
+        """Drop a broken endpoint; the next request to or from that peer opens a fresh one."""
+        ep = self._endpoints.pop(address, None)
+        if ep is not None:
+            with contextlib.suppress(UCXError):
+                ep.close()
+
+    # -- serving (prefill side) -------------------------------------------------------------------
+
+    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None:
+        self._offers[transfer_id] = list(views)
+
+    def withdraw(self, transfer_id: str) -> None:
+        self._offers.pop(transfer_id, None)
+
+    async def _serve(self) -> None:
+        assert self._progress is not None
+        buf = np.empty(_MAX_REQUEST, dtype=np.uint8)
+        while True:
+            recv = self._worker.tag_recv(Array(buf), Tag(REQUEST_TAG))
+            try:
+                await self._progress.wait([recv], buf)
+                request = self._parse_request(buf)
+            except (UCXError, ValueError) as exc:
+                log.warning("dropped a bad KV pull request: %s", exc)
+                continue
+            self._spawn(self._answer(request))
+
+    @staticmethod
+    def _parse_request(buf: np.ndarray) -> _Request:
+        magic, reply_tag, timeout, id_len, addr_len, n_dest = _REQUEST.unpack_from(memoryview(buf))  # type: ignore[arg-type]  # ndarray is a buffer
+        if magic != MAGIC or id_len > MAX_ID or addr_len > _MAX_ADDRESS or n_dest > MAX_VIEWS:
+            raise ValueError("malformed header")
+        pos = _REQUEST.size
+        transfer_id = bytes(buf[pos:pos + id_len]).decode()
+        pos += id_len
+        address = bytes(buf[pos:pos + addr_len])
+        return _Request(reply_tag, timeout, transfer_id, address, _sizes(buf, n_dest, pos + addr_len))
+
+    async def _answer(self, request: _Request) -> None:
+        assert self._progress is not None
+        views = self._offers.get(request.transfer_id)
+        src_sizes = [byte_view(v).nbytes for v in views] if views is not None else []
+        total = sum(src_sizes)
+        if views is None:
+            status = _UNKNOWN
+        elif total != sum(request.dest_sizes):
+            status = _MISMATCH
+        elif len(src_sizes) > MAX_VIEWS:
+            status = _TOO_MANY
+        else:
+            status = _OK
+        sizes = src_sizes if status == _OK else []
+        reply = _REPLY.pack(MAGIC, status, len(sizes), total) + np.asarray(sizes, dtype="<u8").tobytes()
+        keep: list[object] = [reply]
+        try:
+            ep = self._endpoint(request.address)
+            reqs = [ep.tag_send(Array(reply), Tag(request.reply_tag))]
+            if status == _OK:
+                assert views is not None
+                sources = [byte_view(v) for v in views]
+                keep.append(sources)
+                for i, (si, so, _, _, n) in enumerate(_segments(src_sizes, request.dest_sizes)):
+                    reqs.append(ep.tag_send(Array(sources[si][so:so + n]), Tag(request.reply_tag + 1 + i)))
+            await asyncio.wait_for(self._progress.wait(reqs, keep), request.timeout + _GRACE_S)
+        except TimeoutError:
+            # The puller gave up and completed its receives itself: these sends are never matched.
+            # They stay with the orphans (closing the endpoint would cancel other pulls on it too).
+            log.warning("KV transfer %r: the puller stopped receiving", request.transfer_id)
+        except UCXError as exc:
+            log.warning("KV transfer %r to a puller failed: %s", request.transfer_id, exc)
+            self._forget(request.address)
+
+    # -- pulling (decode side) --------------------------------------------------------------------
+
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+                   timeout: float) -> TransferStats:
+        if self._progress is None:
+            raise RuntimeError("transport not started")
+        start = time.perf_counter()
+        peer = parse_address(peer_address)
+        key = transfer_id.encode()
+        if len(key) > MAX_ID:
+            raise TransferError(f"transfer id longer than {MAX_ID} bytes")
+        if len(dest) > MAX_VIEWS:
+            raise TransferError(f"{len(dest)} destination views; at most {MAX_VIEWS}")
+        targets = [byte_view(v) for v in dest]
+        posted: list[tuple[Any, int]] = []  # (receive request, tag) posted into `targets` or a reply buffer
+        try:
+            async with asyncio.timeout(timeout):
+                nbytes = await self._pull(peer, key, targets, timeout, posted)
+        except TimeoutError as exc:
+            self._retire(posted)
+            raise TransferError(f"pull of {transfer_id!r} from a ucx peer timed out after {timeout}s") from exc
+        except UCXError as exc:
+            self._retire(posted)
+            raise TransferError(f"pull of {transfer_id!r} from a ucx peer failed: {exc}") from exc
+        except BaseException:
+            self._retire(posted)
+            raise
+        return TransferStats(nbytes, time.perf_counter() - start, self.name)
+
+    def _retire(self, posted: list[tuple[Any, int]]) -> None:
+        """Complete a failed pull's pending receives with one-byte messages from ourselves, so that
+        no late message from the peer lands in memory the caller reuses after the error. (ucxx has no
+        per-request cancel; closing the endpoint would also break the peer's connection back to us.)"""
+        pending = [(req, tag) for req, tag in posted if not req.completed]
+        if not pending or self._progress is None:
+            return
+        ep = self._endpoint(self._worker.address.tobytes())
+        poison = b"\0"
+        sends = [ep.tag_send(Array(poison), Tag(tag)) for _, tag in pending]
+        for _ in range(3):
+            self._progress.drive()
+        if not all(req.completed for req, _ in pending):  # matched by a transfer already under way
+            log.warning("a failed KV pull still has %d receives in flight", sum(not r.completed for r, _ in pending))
+        self._progress.adopt(sends, poison)
+
+    async def _pull(self, peer: bytes, key: bytes, targets: list[memoryview], timeout: float,
+                    posted: list[tuple[Any, int]]) -> int:
+        assert self._progress is not None
+        dest_sizes = [t.nbytes for t in targets]
+        own = self._worker.address.tobytes()
+        reply_tag = (1 << 63) | (secrets.randbits(63 - _SEGMENT_BITS) << _SEGMENT_BITS)
+        message = (_REQUEST.pack(MAGIC, reply_tag, timeout, len(key), len(own), len(targets)) + key + own
+                   + np.asarray(dest_sizes, dtype="<u8").tobytes())
+        reply = np.empty(_REPLY.size + 8 * MAX_VIEWS, dtype=np.uint8)
+        ep = self._endpoint(peer)
+        recv = ep.tag_recv(Array(reply), Tag(reply_tag))
+        posted.append((recv, reply_tag))
+        send = ep.tag_send(Array(message), Tag(REQUEST_TAG))
+        await self._progress.wait([send, recv], (message, reply))
+
+        magic, status, n_src, total = _REPLY.unpack_from(memoryview(reply))  # type: ignore[arg-type]  # ndarray is a buffer
+        expected = sum(dest_sizes)
+        if magic != MAGIC:
+            raise TransferError("malformed reply from the ucx peer")
+        if status == _UNKNOWN:
+            raise TransferError(f"peer has no transfer {key.decode()!r} (withdrawn?)")
+        if status == _MISMATCH:
+            raise TransferError(f"transfer {key.decode()!r} has {total} bytes, destination {expected}")
+        if status == _TOO_MANY:
+            raise TransferError(f"transfer {key.decode()!r} has more than {MAX_VIEWS} views")
+        src_sizes = _sizes(reply, n_src, _REPLY.size)
+        reqs = []
+        for i, (_, _, di, do, n) in enumerate(_segments(src_sizes, dest_sizes)):
+            tag = reply_tag + 1 + i
+            reqs.append(ep.tag_recv(Array(targets[di][do:do + n]), Tag(tag)))
+            posted.append((reqs[-1], tag))
+        await self._progress.wait(reqs, targets)
+        return total
+
+    async def close(self) -> None:
+        self._offers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._worker is None:
+            return
+        with contextlib.suppress(UCXError):
+            self._worker.cancel_inflight_requests()
+        for address in list(self._endpoints):
+            self._forget(address)
+        if self._progress is not None:
+            self._progress.close()
+        self._progress = None
+        self._worker = None
+        self._context = None

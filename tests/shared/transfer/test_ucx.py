@@ -1,0 +1,168 @@
+"""The UCX KV transport moves exact bytes between views of different shapes, and fails loudly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+pytest.importorskip("shared.transfer.ucx", exc_type=ImportError)  # skips where ucxx is not installed
+
+from shared.transfer import KVTransport, TransferError, create_transport  # noqa: E402
+from shared.transfer.base import total_nbytes  # noqa: E402
+from shared.transfer.ucx import _segments  # noqa: E402
+
+
+def _blocks(seed: int, sizes: list[int]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 64, generator=gen) for n in sizes]
+
+
+def _flat(views: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).view(torch.uint8) for v in views])
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[KVTransport, KVTransport]]:
+    server, client = create_transport("ucx"), create_transport("ucx")
+    await server.start()
+    await client.start()
+    yield server, client
+    await client.close()
+    await server.close()
+    await server.close()  # safe twice
+
+
+def test_segments_cut_at_both_sides_boundaries() -> None:
+    assert _segments([4, 6], [3, 7]) == [(0, 0, 0, 0, 3), (0, 3, 1, 0, 1), (1, 0, 1, 1, 6)]
+    assert _segments([0, 5], [5]) == [(1, 0, 0, 0, 5)]  # empty views carry nothing
+
+
+async def test_pull_fills_differently_split_views(pair: tuple[KVTransport, KVTransport]) -> None:
+    server, client = pair
+    assert server.address.startswith("ucx://")
+    src = _blocks(0, [16, 48, 8])
+    server.offer("req-1", src)
+    dest = [torch.empty(40, 3, 64), torch.empty(32, 3, 64)]  # same 72 rows, split elsewhere
+    stats = await client.pull(server.address, "req-1", dest, timeout=10)
+    assert stats.nbytes == total_nbytes(src) == 72 * 3 * 64 * 4 and stats.transport == "ucx"
+    assert torch.equal(_flat(src), _flat(dest))
+    again = [torch.empty(72, 3, 64)]
+    await client.pull(server.address, "req-1", again, timeout=10)  # reuses the endpoint
+    assert torch.equal(_flat(src), _flat(again))
+
+
+async def test_concurrent_pulls(pair: tuple[KVTransport, KVTransport]) -> None:
+    server, client = pair
+    sources = {f"r{i}": _blocks(i, [16 * (i + 1)]) for i in range(8)}
+    for rid, views in sources.items():
+        server.offer(rid, views)
+    dests = {rid: [torch.empty_like(v[0])] for rid, v in sources.items()}
+    await asyncio.gather(*(client.pull(server.address, rid, dests[rid], 10) for rid in sources))
+    for rid in sources:
+        assert torch.equal(sources[rid][0], dests[rid][0])
+
+
+async def test_unknown_withdrawn_and_mismatched_transfers_fail(pair: tuple[KVTransport, KVTransport]) -> None:
+    server, client = pair
+    with pytest.raises(TransferError, match="no transfer"):
+        await client.pull(server.address, "nope", [torch.empty(4)], timeout=5)
+    server.offer("gone", [torch.ones(4)])
+    server.withdraw("gone")
+    with pytest.raises(TransferError, match="no transfer"):
+        await client.pull(server.address, "gone", [torch.empty(4)], timeout=5)
+    server.offer("short", [torch.ones(4)])
+    with pytest.raises(TransferError, match="bytes"):
+        await client.pull(server.address, "short", [torch.empty(8)], timeout=5)
+    with pytest.raises(TransferError, match="address"):
+        await client.pull("tcp://127.0.0.1:1", "short", [torch.empty(4)], timeout=5)
+    server.offer("ok", [torch.arange(4.0)])  # the transport still works after the failures
+    dest = [torch.empty(4)]
+    await client.pull(server.address, "ok", dest, timeout=5)
+    assert dest[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+async def test_a_timed_out_pull_leaves_no_receive_behind(pair: tuple[KVTransport, KVTransport]) -> None:
+    server, client = pair
+    big = torch.randn(4 << 20)  # 16 MiB: cannot arrive within the timeout below
+    server.offer("big", [big])
+    dest = torch.zeros(4 << 20)
+    with pytest.raises(TransferError, match="timed out"):
+        await client.pull(server.address, "big", [dest], timeout=1e-4)
+    await asyncio.sleep(0.2)  # anything still in flight to the abandoned receives would land now
+    assert not torch.equal(dest, big)
+    small = _blocks(3, [8])
+    server.offer("next", small)
+    again = [torch.empty(8, 3, 64)]
+    await client.pull(server.address, "next", again, timeout=10)  # the endpoint still works
+    assert torch.equal(small[0], again[0])
+
+
+SERVER = textwrap.dedent("""
+    import asyncio, sys, torch
+    from shared.transfer import create_transport
+    async def main():
+        t = create_transport("ucx")
+        await t.start()
+        g = torch.Generator().manual_seed(7)
+        t.offer("cross", [torch.randn(1000, 64, generator=g), torch.randn(24, 64, generator=g)])
+        print(t.address, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        await t.close()
+    asyncio.run(main())
+""")
+
+
+async def _spawn_server(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    address = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+    return proc, address.strip()
+
+
+def _expected() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return torch.cat([torch.randn(1000, 64, generator=g), torch.randn(24, 64, generator=g)])
+
+
+@pytest.mark.parametrize("tls", [None, "tcp,self"], ids=["default", "tcp"])
+async def test_pull_from_another_process_then_from_a_killed_one(tls: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"UCX_TLS": tls} if tls else {}  # default: shared memory; tcp: what crosses hosts
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    proc, address = await _spawn_server(env)
+    client = create_transport("ucx")
+    await client.start()
+    try:
+        dest = [torch.empty(512, 64), torch.empty(512, 64)]
+        stats = await client.pull(address, "cross", dest, timeout=30)
+        assert stats.nbytes == 1024 * 64 * 4
+        assert torch.equal(torch.cat(dest), _expected())
+        with pytest.raises(TransferError, match="no transfer"):
+            await client.pull(address, "unknown", dest, timeout=30)
+        proc.kill()
+        proc.wait(timeout=30)
+        with pytest.raises(TransferError):  # the endpoint to the dead peer fails, it does not hang
+            await asyncio.wait_for(client.pull(address, "cross", dest, timeout=1.0), 30)
+    finally:
+        await client.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def test_registry_names_ucx_and_auto_prefers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert create_transport("ucx").name == "ucx"
+    assert create_transport("auto").name == "ucx"
+    monkeypatch.setitem(sys.modules, "shared.transfer.ucx", None)  # as if ucxx were not installed
+    assert create_transport("auto").name == "tcp"
+    with pytest.raises(ValueError, match="not available"):
+        create_transport("ucx")
