@@ -1,0 +1,63 @@
+"""The compose deployment stays in step with the code: its commands parse, its dashboard's metrics exist.
+
+No Docker engine runs here, so the files are checked, not run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from prometheus_client import generate_latest
+
+from services.cli import build_parser
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.registry import Registry
+from shared import protocol as p
+from shared.config import load_settings
+
+COMPOSE = Path(__file__).parents[2] / "deploy" / "compose"
+
+
+def _services() -> dict[str, dict[str, object]]:
+    return yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]  # type: ignore[no-any-return]
+
+
+def test_every_distserve_command_parses() -> None:
+    parser = build_parser()
+    checked = 0
+    for service in _services().values():
+        if "command" in service and service.get("image") == "distserve:latest":
+            parser.parse_args(service["command"])  # type: ignore[arg-type]
+            checked += 1
+        elif "entrypoint" in service and service.get("image") == "distserve:latest":
+            script = service["entrypoint"][-1]  # type: ignore[index]
+            script = re.sub(r"\$\$\([^)]*\)", "x", script)  # $(hostname) and the like
+            parser.parse_args(shlex.split(script.removeprefix("exec distserve ")))
+            checked += 1
+    assert checked == 4  # gateway, prefill, decode, planner
+
+
+def test_environment_is_valid_settings(monkeypatch: object) -> None:
+    env = _services()["gateway"]["environment"]
+    for key, value in env.items():  # type: ignore[attr-defined]
+        monkeypatch.setenv(key, value)  # type: ignore[attr-defined]
+    settings = load_settings()
+    assert settings.nats_url == "nats://nats:4222" and settings.telemetry.exporter == "otlp"
+
+
+def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
+    registry = Registry(3.0)
+    registry.update(p.WorkerInfo(instance_id="w", role="prefill", model="m", max_model_len=1, pid=1, host="h",
+                                 started_at=0, load=p.WorkerLoad(total_blocks=1)))
+    metrics = GatewayMetrics(registry)
+    metrics.ttft.observe(0.1)
+    metrics.requests.labels(outcome="ok").inc()
+    exported = set(re.findall(r"^(distserve_\w+?)(?:\{| )", generate_latest(metrics.registry).decode(), re.M))
+    dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "distserve.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"distserve_\w+", target["expr"])}
+    assert queried and queried <= exported, queried - exported
