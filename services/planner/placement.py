@@ -157,7 +157,7 @@ class Plan:
     decode: PhasePlan
     unit_goodput_per_gpu: float  # what the chosen configurations sustain per GPU, before rounding up
     kv_bandwidth: float  # bytes/s a decode instance pulls KV at (NVLink or the cross-node network)
-    nodes_needed: int
+    inter_node_stages: int = 1  # Algorithm 2: pipeline stages across nodes (each node: one segment of each)
     attainment: float = math.nan  # end-to-end (both phases, KV transfer) at the target rate
     goodput: float = math.nan  # end-to-end: the highest rate the planned deployment sustains
     baseline: Baseline | None = None
@@ -172,6 +172,14 @@ class Plan:
     @property
     def goodput_per_gpu(self) -> float:
         return self.goodput / self.gpus
+
+    @property
+    def nodes_needed(self) -> int:
+        per_node = self.cluster.gpus_per_node
+        if self.algorithm == 1:
+            return math.ceil(self.gpus / per_node)
+        unit_per_node = (self.prefill.config.gpus + self.decode.config.gpus) // self.inter_node_stages
+        return self.inter_node_stages * math.ceil(self.prefill.instances / (per_node // unit_per_node))
 
     @property
     def fits_cluster(self) -> bool:
@@ -205,7 +213,6 @@ def algorithm1(problem: Problem, cache: Cache) -> Plan:
         _require(chosen[phase], phase)
     p, d = chosen["prefill"], chosen["decode"]
     n, m = math.ceil(problem.rate / p.goodput), math.ceil(problem.rate / d.goodput)
-    gpus = n * p.config.gpus + m * d.config.gpus
     cluster = problem.cluster
     one_node = cluster.nodes == 1
     return Plan(
@@ -214,7 +221,6 @@ def algorithm1(problem: Problem, cache: Cache) -> Plan:
         prefill=_phase_plan(problem, "prefill", p, n), decode=_phase_plan(problem, "decode", d, m),
         unit_goodput_per_gpu=1.0 / (1.0 / p.per_gpu + 1.0 / d.per_gpu),
         kv_bandwidth=cluster.nvlink_bandwidth if one_node else cluster.network_bandwidth,
-        nodes_needed=math.ceil(gpus / cluster.gpus_per_node),
     )
 
 
@@ -254,16 +260,13 @@ def algorithm2(problem: Problem, cache: Cache) -> Plan:
     _require(sp, "prefill")
     _require(sd, "decode")
     units = math.ceil(problem.rate / min(sp.goodput, sd.goodput))
-    unit_gpus_per_node = (sp.config.gpus + sd.config.gpus) // inter
-    units_per_node_group = problem.cluster.gpus_per_node // unit_gpus_per_node
     cluster = problem.cluster
     return Plan(
         algorithm=2, model=problem.model.model, hardware=problem.model.hardware, source=problem.model.source,
         rate=problem.rate, slo=problem.slo, cluster=cluster,
         prefill=_phase_plan(problem, "prefill", sp, units), decode=_phase_plan(problem, "decode", sd, units),
         unit_goodput_per_gpu=min(sp.goodput, sd.goodput) / (sp.config.gpus + sd.config.gpus),
-        kv_bandwidth=cluster.nvlink_bandwidth,
-        nodes_needed=inter * math.ceil(units / units_per_node_group),
+        kv_bandwidth=cluster.nvlink_bandwidth, inter_node_stages=inter,
     )
 
 
@@ -290,10 +293,37 @@ def end_to_end(problem: Problem, plan: Plan) -> float:
     return result.attainment(problem.slo)
 
 
+def _with_instances(problem: Problem, plan: Plan, prefill: int, decode: int) -> Plan:
+    p, d = plan.prefill, plan.decode
+    return replace(plan, prefill=_phase_plan(problem, "prefill", Scored(p.config, p.instance_goodput, 0), prefill),
+                   decode=_phase_plan(problem, "decode", Scored(d.config, d.instance_goodput, 0), decode))
+
+
+def refine(problem: Problem, plan: Plan, max_steps: int = 16) -> tuple[Plan, float, str | None]:
+    """Add instances until the whole deployment meets the target end to end.
+
+    Phase-only simulations miss one coupling: a decode instance short of KV memory leaves prompts'
+    KV held on the prefill side, which stalls new prefills (TTFT). Algorithm 1 adds the prefill or
+    the decode instance that helps more; Algorithm 2 adds whole units. Returns (plan, attainment, note)."""
+    att = end_to_end(problem, plan)
+    start = (plan.prefill.instances, plan.decode.instances)
+    for _ in range(max_steps):
+        if att >= problem.slo.attainment:
+            break
+        n, m = plan.prefill.instances, plan.decode.instances
+        options = [(n + 1, m + 1)] if plan.algorithm == 2 else [(n, m + 1), (n + 1, m)]
+        tried = [(end_to_end(problem, c), c) for c in (_with_instances(problem, plan, *o) for o in options)]
+        att, plan = max(tried, key=lambda t: (t[0], -t[1].gpus))
+    if (plan.prefill.instances, plan.decode.instances) == start:
+        return plan, att, None
+    return plan, att, (f"phase-only estimates gave {start[0]} prefill + {start[1]} decode instances; end to end "
+                       f"(held KV backs up into prefill) it takes {plan.prefill.instances} + {plan.decode.instances}")
+
+
 def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
                    baseline_model: LatencyModel | None = None) -> Plan:
     """Run the chosen algorithm ("auto": Algorithm 1 when its plan meets the SLO end to end with KV
-    over the cluster's links, else Algorithm 2), score the plan end to end and add the baseline."""
+    over the cluster's links, else Algorithm 2), refine it end to end and add the baseline."""
     start = time.perf_counter()
     cache: Cache = {}
     notes: list[str] = []
@@ -306,12 +336,14 @@ def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
             plan = algorithm2(problem, cache)
     else:
         plan = algorithm1(problem, cache) if algorithm == 1 else algorithm2(problem, cache)
+    plan, attainment, note = refine(problem, plan)
+    notes += [note] if note else []
     base = colocated_baseline(problem, baseline_model) if baseline_model else None
-    if plan.gpus > problem.cluster.num_gpus or plan.nodes_needed > problem.cluster.nodes:
+    if not plan.fits_cluster:
         notes.append(f"the plan needs {plan.gpus} GPUs on {plan.nodes_needed} nodes; the cluster has "
                      f"{problem.cluster.num_gpus} on {problem.cluster.nodes}")
     full = find_goodput(plan.deployment(), problem.model, problem.trace, problem.slo, limits=problem.limits,
                         hint=problem.rate)
-    return replace(plan, attainment=end_to_end(problem, plan), goodput=full.rate, baseline=base, notes=notes,
+    return replace(plan, attainment=attainment, goodput=full.rate, baseline=base, notes=notes,
                    simulations=sum(s.simulations for s in cache.values()),
                    search_seconds=time.perf_counter() - start)

@@ -1,0 +1,97 @@
+"""Placement: only feasible configurations, the best of them (checked by brute force), seeds, baseline."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from services.planner.goodput import find_goodput
+from services.planner.latency import LatencyModel
+from services.planner.placement import PlanError, Problem, algorithm1, algorithm2, plan_placement
+from services.planner.report import plan_to_dict
+from services.planner.simulator import Disaggregated, Parallel
+from services.planner.specs import SLO, Cluster
+from services.planner.workload import make_trace, synthetic_lengths
+from tests.planner.conftest import toy_model
+
+SLO_ = SLO(ttft=0.2, tpot=0.03)
+# 1 GPU holds 1000 KV tokens: prefill (needs 500) fits everywhere, decode (needs 821) only from 2 GPUs up
+CAPACITY = {(tp, pp): 1000 * tp * pp - (700 if tp * pp == 1 else 0) for tp in (1, 2) for pp in range(1, 9)}
+
+
+def problem(model: LatencyModel, rate: float = 30.0, nodes: int = 2, gpus: int = 2) -> Problem:
+    trace = make_trace(synthetic_lengths(500, 320), 300, seed=0)
+    return Problem(model, Cluster(nodes, gpus), SLO_, rate, trace)
+
+
+def deployed_per_gpu(rate: float, goodput: float, gpus: int) -> float:
+    return 0.0 if goodput <= 0 else rate / (math.ceil(rate / goodput) * gpus)
+
+
+def phase_goodput(p: Problem, config: Parallel, phase: str) -> float:
+    return find_goodput(Disaggregated(config, 1, config, 1), p.model, p.trace, p.slo, mode=phase).rate  # type: ignore[arg-type]
+
+
+def test_algorithm1_is_the_brute_force_best_among_feasible_configs() -> None:
+    model = toy_model(tps=(1, 2), capacity=CAPACITY)
+    p = problem(model)
+    plan = algorithm1(p, {})
+    for phase, chosen, need in (("prefill", plan.prefill, 500), ("decode", plan.decode, 821)):
+        # every (tp, pp) the 2x2 cluster can hold, judged by hand
+        feasible = [Parallel(tp, pp) for tp, pp in itertools.product((1, 2), (1, 2, 3, 4))
+                    if tp * pp <= 4 and CAPACITY[(tp, pp)] >= need]
+        if phase == "decode":
+            assert Parallel(1, 1) not in feasible
+        scores = {c: deployed_per_gpu(p.rate, phase_goodput(p, c, phase), c.gpus) for c in feasible}
+        assert chosen.config in feasible
+        assert scores[chosen.config] == pytest.approx(max(scores.values()), rel=1e-6)
+        assert chosen.instances == math.ceil(p.rate / chosen.instance_goodput)
+
+
+def test_algorithm2_is_the_brute_force_best_pair_per_node() -> None:
+    model = toy_model(tps=(1, 2), capacity=CAPACITY)
+    p = problem(model, gpus=4)
+    plan = algorithm2(p, {})
+    best = 0.0
+    for inter in (1, 2):
+        for (tp_p, s_p), (tp_d, s_d) in itertools.product(itertools.product((1, 2), (1, 2, 3, 4)), repeat=2):
+            if tp_p * s_p + tp_d * s_d > 4:
+                continue  # a stage's prefill and decode segments must share one node
+            pc, dc = Parallel(tp_p, inter * s_p), Parallel(tp_d, inter * s_d)
+            if CAPACITY.get((pc.tp, pc.pp), 0) < 500 or CAPACITY.get((dc.tp, dc.pp), 0) < 821:
+                continue
+            g = min(phase_goodput(p, pc, "prefill"), phase_goodput(p, dc, "decode"))
+            best = max(best, deployed_per_gpu(p.rate, g, pc.gpus + dc.gpus))
+    unit_gpus = plan.prefill.config.gpus + plan.decode.config.gpus
+    assert plan.prefill.instances == plan.decode.instances
+    got = deployed_per_gpu(p.rate, min(plan.prefill.instance_goodput, plan.decode.instance_goodput), unit_gpus)
+    assert got == pytest.approx(best, rel=1e-6)
+    per_node = (plan.prefill.config.gpus + plan.decode.config.gpus) // plan.inter_node_stages
+    assert per_node <= 4 and plan.inter_node_stages <= 2  # one stage's segments share a node
+
+
+def test_nothing_fits_in_memory_is_a_clear_error() -> None:
+    model = toy_model(tps=(1,), capacity={(1, pp): 100 for pp in range(1, 5)})
+    with pytest.raises(PlanError, match="fits in memory"):
+        algorithm1(problem(model), {})
+
+
+def test_pipeline_depth_is_capped_by_the_profile() -> None:
+    model = toy_model(tps=(1, 2), capacity=CAPACITY, max_pp=1)
+    plan = algorithm1(problem(model), {})
+    assert plan.prefill.config.pp == plan.decode.config.pp == 1
+
+
+def test_plan_is_deterministic_and_beats_the_colocated_baseline() -> None:
+    model = toy_model(tps=(1, 2))  # roomy memory: held KV never backs up into prefill
+    p = problem(model, rate=10.0, nodes=2, gpus=8)
+    a, b = plan_placement(p, "auto", model), plan_placement(p, "auto", model)
+    da, db = plan_to_dict(a), plan_to_dict(b)
+    da.pop("search_seconds")
+    db.pop("search_seconds")
+    assert da == db
+    assert a.attainment >= SLO_.attainment and a.fits_cluster
+    assert a.baseline is not None and 0 < a.baseline.per_gpu_goodput < a.goodput_per_gpu
+    assert a.goodput >= p.rate * 0.98  # the planned deployment sustains the target rate end to end
