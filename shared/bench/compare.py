@@ -1,0 +1,370 @@
+"""`distserve bench compare`: the goodput of disaggregated vs colocated serving on the same cores.
+
+Starts each deployment in turn as its own fresh stack (own nats-server, redis-server, workers and
+gateway), runs the same seeded workload and arrival pattern against it with `bench serve`'s sweep,
+records where each request spent its time (the phase timestamps the services keep in Redis), stops
+it, and starts the next. Then prints goodput per deployment and the ratio disaggregated / colocated
+(the better colocated variant, as the paper does), and draws every deployment on the same axes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from rich.console import Console
+from rich.table import Table
+
+from shared.bench import plots, report
+from shared.bench.client import ClientConfig, discover_model, make_http_client, stream_request
+from shared.bench.metrics import percentile
+from shared.bench.serve import (
+    BenchResult,
+    Progress_,
+    add_workload_args,
+    analyze,
+    default_output_dir,
+    print_result,
+    progress_bar,
+    progress_hook,
+    save,
+    slo_from_args,
+    sweep,
+    sweep_from_args,
+    workload_from_args,
+)
+from shared.config import Settings, load_settings
+from shared.state import read_request, recent_requests
+from shared.workloads import SLO
+
+# name -> what it runs on `cores` cores (each role's threads are set explicitly, never shared).
+DEPLOYMENTS: dict[str, str] = {
+    "disagg": "1 prefill + 1 decode worker, half the cores each",
+    "colocated": "1 colocated worker (prefill-first continuous batching) on all the cores",
+    "colocated-2x1": "2 colocated workers, half the cores each",
+    "chunked": "1 colocated worker with chunked prefill (Sarathi-Serve) on all the cores",
+}
+COLOCATED = ("colocated", "colocated-2x1")  # the baselines of the ratio: the better one counts
+DISAGGREGATED = "disagg"
+
+log = logging.getLogger("distserve.bench.compare")
+
+
+@dataclass(frozen=True)
+class EngineKnobs:
+    """Engine settings every deployment shares (threads excepted), plus the chunk of `chunked`."""
+
+    cores: int = 2
+    kv_cache_gib: float = 1.0
+    max_num_seqs: int = 64
+    chunk_tokens: int = 256  # chunked prefill's per-step token budget (decodes + prompt chunks)
+    model: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.cores < 2 or self.cores % 2:
+            raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
+        if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
+            raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
+
+
+def parse_deployments(text: str) -> tuple[str, ...]:
+    """'disagg,colocated' -> ('disagg', 'colocated'); unknown or repeated names are errors."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [n for n in names if n not in DEPLOYMENTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown deployment(s) {unknown or text!r}; choose from "
+                                         f"{', '.join(DEPLOYMENTS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"deployment listed twice in {text!r}")
+    return names
+
+
+def deployment_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
+    """The settings overrides (load_settings' nested dict) that make deployment ``name``."""
+    half, whole = knobs.cores // 2, knobs.cores
+    engine = {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs}
+    if name == "disagg":
+        return {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1,
+                "prefill": {**engine, "num_threads": half}, "decode": {**engine, "num_threads": half}}
+    if name == "colocated":
+        return {"mode": "colocated", "colocated_instances": 1, "colocated": {**engine, "num_threads": whole}}
+    if name == "colocated-2x1":
+        return {"mode": "colocated", "colocated_instances": 2, "colocated": {**engine, "num_threads": half}}
+    if name == "chunked":
+        return {"mode": "colocated", "colocated_instances": 1,
+                "colocated": {**engine, "num_threads": whole, "chunked_prefill": True,
+                              "max_num_batched_tokens": knobs.chunk_tokens}}
+    raise ValueError(f"unknown deployment {name!r}; choose from {', '.join(DEPLOYMENTS)}")
+
+
+def deployment_settings(name: str, knobs: EngineKnobs, port: int, slo: SLO) -> Settings:
+    """Settings for a fresh stack: its own servers (no URLs), gateway on ``port``, SLO metrics as benched."""
+    return load_settings({
+        **deployment_overrides(name, knobs),
+        "model": knobs.model, "nats_url": None, "redis_url": None,
+        "gateway": {"port": port, "slo_ttft_s": slo.ttft_s, "slo_tpot_s": slo.tpot_s},
+    })
+
+
+# ---- where the time goes ---------------------------------------------------------------------------
+
+# (label, from phase, to phase): spans of a request's timeline (shared.state.PHASES), in seconds.
+SPANS: tuple[tuple[str, str, str], ...] = (
+    ("queue", "arrived", "prefill_start"),  # dispatch + waiting in the prefill queue
+    ("prefill", "prefill_start", "prefill_end"),  # the step that computed the prompt's last token
+    ("to_decode", "prefill_end", "decode_start"),  # KV hand-off and waiting for decode room
+    ("kv_transfer", "kv_transfer_start", "kv_transfer_end"),
+    ("decode", "decode_start", "finish"),
+)
+
+
+def split_by_run(timelines: Sequence[Mapping[str, str]], run_starts: Sequence[tuple[float, float]]
+                 ) -> dict[float, list[Mapping[str, str]]]:
+    """Assign each request state to the sweep run it arrived in, by wall clock.
+
+    ``run_starts``: (rate, time.time() at the run's start) in order. Runs never overlap (each ends
+    before the next starts), so a request belongs to the last run that started before it arrived;
+    requests from before the first run (the warm-up) are dropped.
+    """
+    starts = sorted(run_starts, key=lambda rs: rs[1])
+    out: dict[float, list[Mapping[str, str]]] = {rate: [] for rate, _ in starts}
+    for state in timelines:
+        try:
+            arrived = float(state["arrived"])
+        except (KeyError, ValueError):
+            continue
+        run = [rate for rate, at in starts if at <= arrived]
+        if run:
+            out[run[-1]].append(state)
+    return out
+
+
+def phase_breakdown(timelines: Sequence[Mapping[str, str]]) -> dict[str, dict[str, float]]:
+    """Per span: count, median and p90 seconds, over the requests that have both ends of it."""
+    out: dict[str, dict[str, float]] = {}
+    for label, start, end in SPANS:
+        values = [float(s[end]) - float(s[start]) for s in timelines if start in s and end in s]
+        if values:
+            out[label] = {"n": len(values), "p50": percentile(values, 50) or 0.0, "p90": percentile(values, 90) or 0.0}
+    return out
+
+
+async def fetch_timelines(redis_url: str, count: int) -> list[dict[str, str]]:
+    """The ``count`` most recent request states of a stack (id added as 'request_id')."""
+    client = aioredis.from_url(redis_url)
+    try:
+        states = []
+        for request_id in await recent_requests(client, count):
+            state = await read_request(client, request_id)
+            if state is not None:
+                states.append({"request_id": request_id, **state})
+        return states
+    finally:
+        await client.aclose()
+
+
+# ---- the comparison ---------------------------------------------------------------------------------
+
+def best_colocated(goodputs: Mapping[str, float | None]) -> tuple[str, float] | None:
+    """The colocated variant with the highest goodput (None if none ran or none met the target)."""
+    measured = [(value, name) for name in COLOCATED if (value := goodputs.get(name)) is not None]
+    if not measured:
+        return None
+    value, name = max(measured)
+    return name, value
+
+
+def goodput_ratio(goodputs: Mapping[str, float | None]) -> tuple[str, float] | None:
+    """(baseline name, disaggregated goodput / the better colocated goodput), when both exist."""
+    disagg, base = goodputs.get(DISAGGREGATED), best_colocated(goodputs)
+    if disagg is None or base is None:
+        return None
+    return base[0], disagg / base[1]
+
+
+def common_scale_rate(results: Sequence[BenchResult], explicit: float | None) -> float:
+    """The one rate at which every deployment's SLO-scale curve is drawn: ``explicit``, else the lowest
+    goodput among the deployments (every one was measured there when they share the swept rates),
+    else the lowest rate all of them measured."""
+    if explicit is not None:
+        return explicit
+    shared = set.intersection(*(set(r.records) for r in results))
+    goodputs = [r.goodput for r in results if r.goodput is not None and r.goodput in shared]
+    if goodputs:
+        return min(goodputs)
+    if not shared:
+        raise ValueError("the deployments share no measured rate: pass --scale-rate")
+    return min(shared)
+
+
+def comparison_table(results: Sequence[BenchResult], ratio: tuple[str, float] | None) -> Table:
+    rates = sorted({s.rate for r in results for s in r.summaries})
+    table = Table(title="goodput (req/s at the attainment target) and attainment per rate")
+    for name in ("deployment", "goodput", "interpolated", *(f"@{rate:g}" for rate in rates)):
+        table.add_column(name, justify="right")
+    for r in results:
+        by_rate = {s.rate: s for s in r.summaries}
+        table.add_row(r.label, "-" if r.goodput is None else f"{r.goodput:g}",
+                      "-" if r.goodput_interpolated is None else f"{r.goodput_interpolated:.3g}",
+                      *(f"{100 * by_rate[rate].attainment:.0f}%" if rate in by_rate else "" for rate in rates))
+    if ratio is not None:
+        table.caption = f"disagg / {ratio[0]} goodput: {ratio[1]:.2f}x"
+    return table
+
+
+def plot_all(results: Sequence[BenchResult], slo: SLO, scale_rate: float, out: Path) -> None:
+    plots.plot_attainment_vs_rate({r.label: r.summaries for r in results}, slo, out / "attainment_vs_rate.png")
+    scaled = [r for r in results if scale_rate in r.records]
+    plots.plot_attainment_vs_scale(
+        {r.label: (r.scales, analyze(r.label, r.records, slo, scale_rate=scale_rate).scale_attainment)
+         for r in scaled}, slo, out / "attainment_vs_slo_scale.png",
+        title=f"attainment vs SLO scale at {scale_rate:g} req/s")
+    plots.plot_latency_cdfs({r.label: r.records[scale_rate] for r in scaled}, slo, out / "latency_cdf.png",
+                            title=f"latency CDFs at {scale_rate:g} req/s")
+
+
+# ---- running one deployment ---------------------------------------------------------------------------
+
+@dataclass
+class Measured:
+    records: dict[float, list[Any]]
+    timelines: dict[float, list[Mapping[str, str]]]
+
+
+def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[Any], slo: SLO,
+                   progress: Progress_ | None, say: Callable[[str], None]) -> Measured:
+    """Start a fresh stack, warm it up, sweep it, read its request timelines, stop it."""
+    from services.launcher import Stack  # the services are only needed when a comparison runs
+
+    stack = Stack(settings, args.log_level, announce=False)
+    try:
+        t0 = time.monotonic()
+        stack.start()
+        stack.wait_ready(args.ready_timeout)
+        say(f"{name}: ready in {time.monotonic() - t0:.0f} s at {stack.url}")
+        model = asyncio.run(discover_model(stack.url))
+        client = ClientConfig(base_url=stack.url, model=model, api=args.api, ignore_eos=args.ignore_eos,
+                              extra_body=args.extra_body, request_timeout_s=args.request_timeout)
+        asyncio.run(warm_up(client, args.warmup))
+        run_starts: list[tuple[float, float]] = []
+
+        def mark(rate: float, total: int) -> Callable[[], None]:
+            run_starts.append((rate, time.time()))  # Redis timestamps are time.time()
+            return progress(rate, total) if progress else (lambda: None)
+
+        records = asyncio.run(sweep(client, requests, sweep_from_args(args), slo, mark, say))
+        total = sum(len(rs) for rs in records.values()) + args.warmup
+        assert stack.settings.redis_url is not None  # the stack started its own
+        timelines = asyncio.run(fetch_timelines(stack.settings.redis_url, total))
+        return Measured(records, split_by_run(timelines, run_starts))
+    finally:
+        stack.stop()
+
+
+async def warm_up(client: ClientConfig, n: int) -> None:
+    """A few short requests one at a time, unrecorded: first steps allocate and warm caches."""
+    async with make_http_client(client) as http:
+        for i in range(n):
+            timing = await stream_request(http, client, f"Warm-up request {i}: say hello.", 8)
+            if timing.error:
+                raise RuntimeError(f"warm-up request failed: {timing.error}")
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compare", help="goodput of disaggregated vs colocated deployments on the same cores",
+                              description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--deployments", type=parse_deployments, default=tuple(DEPLOYMENTS),
+                   help=f"comma-separated, run in this order: {', '.join(DEPLOYMENTS)} (default: all)")
+    p.add_argument("--cores", type=int, default=2, help="cores the deployments split (default 2)")
+    p.add_argument("--chunk-tokens", type=int, default=256,
+                   help="token budget per step of `chunked` (default 256)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool per worker (default 1.0)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="decode batch cap per worker (default 64)")
+    p.add_argument("--model", default="default", help="served model (default: SmolLM2-135M)")
+    p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
+    p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
+    add_workload_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    console, err = Console(), Console(stderr=True)
+    try:
+        slo = slo_from_args(args)
+        sweep_from_args(args)  # validates the sweep before any stack starts
+        knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
+                            chunk_tokens=args.chunk_tokens, model=args.model)
+        requests = workload_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    from shared.servers import free_port
+
+    out: Path = args.output_dir or default_output_dir("compare", args.workload)
+    load_before = os.getloadavg()  # other work on the machine skews every number: record it
+    results: list[BenchResult] = []
+    failed: list[str] = []
+    for name in args.deployments:
+        settings = deployment_settings(name, knobs, free_port(), slo)
+        with progress_bar(err) if args.progress else contextlib.nullcontext() as bar:
+            try:
+                measured = run_deployment(name, settings, args, requests, slo, progress_hook(bar, name), err.log)
+            except RuntimeError as e:
+                err.print(f"[red]{name} failed:[/red] {e}")
+                failed.append(name)
+                continue
+        result = analyze(name, measured.records, slo)
+        breakdown = {rate: phase_breakdown(states) for rate, states in measured.timelines.items()}
+        meta = {"command": "compare", "deployment": name, "description": DEPLOYMENTS[name],
+                "settings": json.loads(settings.model_dump_json()), "workload": args.workload,
+                "sweep": asdict(sweep_from_args(args)), "phases": breakdown}
+        save(result, out / name, meta, with_plots=False)
+        (out / name / "timelines.json").write_text(json.dumps(measured.timelines, indent=1) + "\n")
+        print_result(result, console)
+        console.print(phase_table(name, breakdown))
+        results.append(result)
+    if not results:
+        return 1
+    goodputs = {r.label: r.goodput for r in results}
+    ratio = goodput_ratio(goodputs)
+    console.print(comparison_table(results, ratio))
+    scale_rate = None
+    with contextlib.suppress(ValueError):
+        scale_rate = common_scale_rate(results, args.scale_rate)
+    if args.plots and scale_rate is not None:
+        plot_all(results, slo, scale_rate, out)
+    report.write_summary({
+        "command": "compare", "workload": args.workload, "slo": asdict(slo), "cores": args.cores,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "goodput_rps": goodputs,
+        "goodput_interpolated_rps": {r.label: r.goodput_interpolated for r in results},
+        "ratio": None if ratio is None else {"baseline": ratio[0], "disagg_over_baseline": ratio[1]},
+        "failed": failed, "scale_rate": scale_rate,
+    }, out)
+    console.print(f"results: {out}/ (one folder per deployment; summary.json and plots here)")
+    return 1 if failed else 0
+
+
+def phase_table(name: str, breakdown: Mapping[float, Mapping[str, Mapping[str, float]]]) -> Table:
+    table = Table(title=f"{name}: where the time goes, p50/p90 seconds (from the Redis timelines)")
+    table.add_column("rate", justify="right")
+    for label, _, _ in SPANS:
+        table.add_column(label, justify="right")
+    for rate in sorted(breakdown):
+        spans = breakdown[rate]
+        table.add_row(f"{rate:g}", *(f"{spans[label]['p50']:.2f}/{spans[label]['p90']:.2f}" if label in spans else "-"
+                                     for label, _, _ in SPANS))
+    return table
