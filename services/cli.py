@@ -25,10 +25,10 @@ COMMAND_MODULES: list[str] = [
 # Modules that add `distserve bench <name>` subcommands.
 BENCH_MODULES: list[str] = [
     "shared.bench.engine",
-    "shared.bench.compare",
     "shared.bench.serve",
     "shared.bench.overhead",
     "shared.bench.compare",
+    "shared.bench.transfer",
 ]
 
 

@@ -1,0 +1,281 @@
+"""`distserve bench transfer`: KV transfer bandwidth of each transport next to this machine's memcpy.
+
+For every transport available here (UCX over shared memory, UCX over TCP, plain TCP), a child
+process offers buffers of each size and a typical request's KV cache; this process pulls them the
+way a decode worker does (`KVTransport.pull` into preallocated views) and reports the median time
+after warm-up pulls. The reference is a single-thread memcpy of the largest size (one core copying,
+as UCX's shared-memory copy does), measured in the same run. The KV of one prompt is set against
+that prompt's prefill time (TTFT), measured with the engine or given with `--ttft-ms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from shared.engine.cli import positive_int
+from shared.transfer import KVTransport, create_transport
+
+MiB = 1 << 20
+# Default model (SmolLM2-135M): K and V x 30 layers x 3 KV heads x head_dim 64 x fp32, per token.
+DEFAULT_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
+KV_SOURCE_VIEWS = 4  # a request's KV is a few runs of consecutive blocks; the sides split it differently
+KV_DEST_VIEWS = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    transport: str
+    env: dict[str, str]
+
+
+VARIANTS = {
+    "ucx-sm": Variant("UCX shared memory (UCX_TLS=sm,self)", "ucx", {"UCX_TLS": "sm,self"}),
+    "ucx-tcp": Variant("UCX TCP (UCX_TLS=tcp,self)", "ucx", {"UCX_TLS": "tcp,self"}),
+    "tcp": Variant("plain TCP (asyncio sockets)", "tcp", {}),
+}
+
+
+@dataclass(frozen=True)
+class Result:
+    variant: str
+    item: str
+    nbytes: int
+    seconds: float  # median pull time
+
+    @property
+    def bytes_s(self) -> float:
+        return self.nbytes / self.seconds
+
+
+def split(nbytes: int, parts: int) -> list[int]:
+    base = nbytes // parts
+    return [base] * (parts - 1) + [nbytes - base * (parts - 1)]
+
+
+def items(sizes_mib: list[int], kv_bytes: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Transfer id -> (source view sizes, destination view sizes) in bytes."""
+    out = {f"{m} MiB": ([m * MiB], [m * MiB]) for m in sizes_mib}
+    out["KV of one prompt"] = (split(kv_bytes, KV_SOURCE_VIEWS), split(kv_bytes, KV_DEST_VIEWS))
+    return out
+
+
+def buffers(sizes: list[int]) -> list[torch.Tensor]:
+    return [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
+
+
+async def _serve(transport_name: str, plan: dict[str, tuple[list[int], list[int]]]) -> None:
+    transport = create_transport(transport_name)
+    await transport.start()
+    for name, (src, _) in plan.items():
+        transport.offer(name, buffers(src))
+    print(transport.address, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    await transport.close()
+
+
+def serve_main() -> None:
+    """Child process: `python -c 'from shared.bench.transfer import serve_main; serve_main()' NAME SIZES KV`."""
+    name, sizes, kv = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
+    asyncio.run(_serve(name, items(sizes, kv)))
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Set variables for this process (UCX reads them when a transport starts) and restore them."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def _pull_all(client: KVTransport, address: str, plan: dict[str, tuple[list[int], list[int]]],
+                    key: str, warmup: int, repeat: int) -> list[Result]:
+    results = []
+    for name, (src, dst) in plan.items():
+        dest = [torch.zeros(n, dtype=torch.uint8) for n in dst]  # touched: no page faults while timed
+        times = []
+        for i in range(warmup + repeat):
+            stats = await client.pull(address, name, dest, timeout=120)
+            if i >= warmup:
+                times.append(stats.seconds)
+        results.append(Result(key, name, sum(src), statistics.median(times)))
+    return results
+
+
+def bench_variant(key: str, plan: dict[str, tuple[list[int], list[int]]], sizes: list[int], kv_bytes: int,
+                  warmup: int, repeat: int) -> list[Result]:
+    variant = VARIANTS[key]
+    code = "from shared.bench.transfer import serve_main; serve_main()"
+    args = [sys.executable, "-c", code, variant.transport, ",".join(map(str, sizes)), str(kv_bytes)]
+    child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **variant.env})
+    try:
+        assert child.stdout is not None
+        address = child.stdout.readline().strip()
+        if not address:
+            raise RuntimeError(f"the offering process for {key} exited with {child.wait()}")
+
+        async def run() -> list[Result]:
+            with environment(variant.env):
+                client = create_transport(variant.transport)
+                await client.start()
+            try:
+                return await _pull_all(client, address, plan, key, warmup, repeat)
+            finally:
+                await client.close()
+
+        return asyncio.run(run())
+    finally:
+        child.communicate("", timeout=60)
+
+
+def memcpy_bytes_s(nbytes: int, warmup: int, repeat: int) -> float:
+    """Single-thread copy (numpy.copyto), payload bytes per second."""
+    src = np.random.randint(0, 256, nbytes, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    times = []
+    for i in range(warmup + repeat):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def measure_ttft(model: str, tokens: int, threads: int | None, warmup: int, repeat: int) -> tuple[float, int]:
+    """Median time of one prefill step of a `tokens`-token prompt, and the KV bytes per token."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=model, num_threads=threads, max_num_batched_tokens=tokens))
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    generator = torch.Generator().manual_seed(tokens)
+    times = []
+    for i in range(warmup + repeat):
+        prompt = torch.randint(3, engine.model_config.vocab_size, (tokens,), generator=generator).tolist()
+        engine.add_request(f"ttft-{i}", prompt, params)
+        start = time.perf_counter()
+        engine.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    per_token = engine.model_config.kv_bytes_per_token(engine.cache.data.element_size())
+    return statistics.median(times), per_token
+
+
+def ucx_available() -> bool:
+    try:
+        import shared.transfer.ucx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bandwidth_table(results: list[Result], memcpy: float, memcpy_bytes: int) -> Table:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    table = Table(title=f"KV transfer, puller in another process ({platform.processor() or platform.machine()}, "
+                        f"{os.cpu_count()} cores, load average {load}); single-thread memcpy of "
+                        f"{memcpy_bytes // MiB} MiB: {memcpy / 1e9:.2f} GB/s")
+    for name in ("transport", "transfer", "bytes", "median ms", "GB/s", "of memcpy"):
+        table.add_column(name, justify="right")
+    for r in results:
+        table.add_row(VARIANTS[r.variant].label, r.item, f"{r.nbytes:,}", f"{1000 * r.seconds:.2f}",
+                      f"{r.bytes_s / 1e9:.2f}", f"{100 * r.bytes_s / memcpy:.0f}%")
+    return table
+
+
+def ttft_table(results: list[Result], ttft_s: float, tokens: int, source: str) -> Table:
+    table = Table(title=f"KV of a {tokens}-token prompt against its TTFT ({1000 * ttft_s:.0f} ms, {source})")
+    for name in ("transport", "KV bytes", "transfer ms", "share of TTFT"):
+        table.add_column(name, justify="right")
+    for r in results:
+        if r.item == "KV of one prompt":
+            table.add_row(VARIANTS[r.variant].label, f"{r.nbytes:,}", f"{1000 * r.seconds:.2f}",
+                          f"{100 * r.seconds / ttft_s:.1f}%")
+    return table
+
+
+def variant_list(value: str) -> list[str]:
+    names = value.split(",")
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown transport(s) {bad}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def size_list(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated MiB counts, not {value!r}") from None
+    if any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1 MiB, not {value!r}")
+    return sizes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("transfer", help="KV transfer bandwidth per transport against memcpy and TTFT",
+                              description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--transports", type=variant_list, default=list(VARIANTS),
+                   help=f"comma-separated: {', '.join(VARIANTS)} (default: all available)")
+    p.add_argument("--sizes-mib", type=size_list, default=[1, 16, 64], help="default 1,16,64")
+    p.add_argument("--prompt-tokens", type=positive_int, default=512, help="tokens of the typical prompt (512)")
+    p.add_argument("--ttft-ms", type=float, help="TTFT of that prompt; default: measure its prefill with the engine")
+    p.add_argument("--model", default="default", help="model for the TTFT measurement (default %(default)s)")
+    p.add_argument("--threads", type=positive_int, help="torch threads for the TTFT measurement")
+    p.add_argument("--repeat", type=positive_int, default=10, help="timed pulls per transfer (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed pulls first (default %(default)s)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console()
+    log = Console(stderr=True)
+    if args.warmup < 0 or (args.ttft_ms is not None and args.ttft_ms <= 0):
+        log.print("[red]error:[/red] --warmup must be >= 0 and --ttft-ms > 0")
+        return 2
+    per_token = DEFAULT_KV_BYTES_PER_TOKEN
+    if args.ttft_ms is not None:
+        ttft_s, source = args.ttft_ms / 1000, "given with --ttft-ms"
+    else:
+        log.log(f"measuring the prefill of {args.prompt_tokens} tokens with model {args.model}")
+        try:
+            ttft_s, per_token = measure_ttft(args.model, args.prompt_tokens, args.threads, 1, 3)
+        except (ValueError, FileNotFoundError) as e:
+            log.print(f"[red]error:[/red] {e}")
+            return 2
+        source = f"prefill step of {args.model}, median of 3"
+    kv_bytes = per_token * args.prompt_tokens
+    plan = items(args.sizes_mib, kv_bytes)
+    largest = max(args.sizes_mib) * MiB
+    memcpy = memcpy_bytes_s(largest, args.warmup, args.repeat)
+    results: list[Result] = []
+    for key in args.transports:
+        if VARIANTS[key].transport == "ucx" and not ucx_available():
+            log.log(f"skipping {key}: ucxx is not installed")
+            continue
+        log.log(f"{VARIANTS[key].label}: pulling {', '.join(plan)}")
+        results += bench_variant(key, plan, args.sizes_mib, kv_bytes, args.warmup, args.repeat)
+    console.print(bandwidth_table(results, memcpy, largest))
+    console.print(ttft_table(results, ttft_s, args.prompt_tokens, source))
+    return 0
