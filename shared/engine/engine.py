@@ -286,6 +286,14 @@ class LLMEngine:
             seq.status = Status.RUNNING
             self.scheduler.running.append(seq)
 
+    def kv_import_recompute(self, request_id: str) -> None:
+        """The transfer failed: compute the request's KV here from its tokens instead (same continuation)."""
+        with self.lock:
+            seq = self.importing.pop(request_id)
+            seq.num_computed_tokens = 0  # its reserved blocks stay: the prefill fills them
+            seq.status = Status.WAITING
+            self.scheduler.waiting.append(seq)
+
     def kv_import_abort(self, request_id: str) -> None:
         with self.lock:
             seq = self.importing.get(request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shared.engine import LLMEngine, SamplingParams
 from tests.engine.conftest import make_engine, run_to_completion
@@ -86,13 +87,11 @@ def test_kv_export_import_continues_identically(engine: LLMEngine) -> None:
     dest = decode.kv_import_begin(export.meta)
     assert dest is not None
     # The two sides' views are one byte stream each; copy it across as a transport would.
-    src_bytes = b"".join(v.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
-                         for v in export.views)
+    stream = torch.cat([v.reshape(-1).view(torch.uint8) for v in export.views])
     offset = 0
     for view in dest:
-        flat = view.view(-1).view(dtype=__import__("torch").uint8)
-        flat.copy_(__import__("torch").frombuffer(bytearray(src_bytes[offset:offset + flat.numel()]),
-                                                  dtype=__import__("torch").uint8))
+        flat = view.view(-1).view(torch.uint8)
+        flat.copy_(stream[offset:offset + flat.numel()])
         offset += flat.numel()
     assert offset == export.nbytes == export.meta.nbytes
     decode.kv_import_commit("r")
@@ -100,6 +99,21 @@ def test_kv_export_import_continues_identically(engine: LLMEngine) -> None:
     assert prefill.stats().free_blocks == prefill.stats().total_blocks
     rest = run_to_completion(decode)["r"]
     assert [first.token_id, *rest] == expected
+
+
+def test_failed_transfer_recomputes_to_the_same_continuation(engine: LLMEngine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)
+    expected = generate_alone(engine, PROMPTS[2], params)
+    prefill, decode = make_engine(role="prefill"), make_engine(role="decode")
+    prefill.add_request("r", prefill.tokenizer.encode(PROMPTS[2]), params)
+    (first,) = prefill.step()
+    meta = prefill.kv_export("r").meta
+    prefill.abort("r")  # the prefill side is gone: its bytes never arrive
+    assert decode.kv_import_begin(meta) is not None
+    decode.kv_import_recompute("r")
+    rest = run_to_completion(decode)["r"]
+    assert [first.token_id, *rest] == expected
+    assert decode.stats().free_blocks == decode.stats().total_blocks
 
 
 def test_seeded_sampling_is_reproducible(engine: LLMEngine) -> None:
