@@ -1,0 +1,86 @@
+"""The online planner's policy replayed offline, and the service on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from nats.aio.client import Client as NATS
+
+from services.planner.latency import reference_profiles
+from services.planner.policy import Observed, Policy, replay, should_replan, window_stats
+from services.planner.service import PLAN_SUBJECT, PlannerService
+from services.planner.specs import SLO, Cluster
+from shared.protocol import PrefillRequest, Sampling, Subjects, TokenBatch, TokenEvent
+
+SLO_ = SLO(0.25, 0.1)
+
+
+def policy(**kw: object) -> Policy:
+    model = reference_profiles()["opt-13b"]
+    return Policy(model, Cluster(1, 8), SLO_, num_requests=200, **kw)  # type: ignore[arg-type]
+
+
+def steady(start: float, seconds: float, rate: float, inp: int = 400, out: int = 100) -> list[Observed]:
+    n = int(seconds * rate)
+    return [Observed(start + i / rate, inp, out, ttft=0.1, tpot=0.05) for i in range(n)]
+
+
+def test_window_stats_and_replan_triggers() -> None:
+    reqs = steady(0, 60, 2.0) + [Observed(59.5, 400)]  # one still running
+    s = window_stats(reqs, now=60, window=30, slo=SLO_)
+    # (30, 60]: 59 finished arrivals at 30.5 ... 59.5 plus the running one
+    assert s.rate == 60 / 30 and s.mean_output == 100 and s.attainment == 1.0 and len(s.inputs) == 59
+    p = policy()
+    assert should_replan(None, s, p) == "first plan"
+    assert should_replan(s, s, p) is None
+    busier = window_stats(steady(0, 60, 3.0), now=60, window=30, slo=SLO_)
+    assert "arrival rate" in (should_replan(s, busier, p) or "")
+    same_rate_late = window_stats([Observed(30.1 + i / 2, 400, 100, ttft=1.0, tpot=0.05) for i in range(60)],
+                                  60, 30, SLO_)
+    assert "attainment" in (should_replan(s, same_rate_late, p) or "")  # same load, missed SLOs
+    assert should_replan(None, window_stats(steady(0, 5, 1.0), 5, 5, SLO_), p) is None  # too few to plan
+
+
+def test_replay_replans_when_the_load_triples() -> None:
+    trace = steady(0, 120, 2.0) + steady(120, 120, 6.0)
+    decisions = replay(trace, policy(), window=30, every=15)
+    reasons = [r for _, r, _ in decisions]
+    assert reasons[0] == "first plan" and any("arrival rate" in r for r in reasons[1:])
+    first, last = decisions[0][2], decisions[-1][2]
+    assert last.rate > 2.5 * first.rate
+    assert last.prefill.instances * last.prefill.config.gpus + last.decode.gpus > first.gpus or \
+        last.goodput > 2.5 * first.rate  # more GPUs, or the first plan's deployment already had the headroom
+    assert all(t >= 120 for t, r, _ in decisions[1:])  # nothing moved during the steady first half
+
+
+async def test_service_publishes_a_plan_from_live_traffic(nats_client: NATS, nats_server: object) -> None:
+    service = PlannerService(policy(min_finished=10), nats_server.url, window=60, interval=0.2)  # type: ignore[attr-defined]
+    plans: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+    async def got(msg: object) -> None:
+        await plans.put(json.loads(msg.data))  # type: ignore[attr-defined]
+
+    await nats_client.subscribe(PLAN_SUBJECT, cb=got)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.sleep(0.3)  # let it subscribe
+    now = time.time()
+    for i in range(12):
+        rid = f"r{i}"
+        req = PrefillRequest(request_id=rid, prompt_token_ids=[1] * 300, sampling=Sampling(max_tokens=50),
+                             reply_to="g", arrived_at=now - 5 + i * 0.1)
+        await nats_client.publish(Subjects.submit("prefill", "p0"), req.encode())
+        await nats_client.publish(Subjects.tokens("g"), TokenBatch(instance_id="p0", events=[
+            TokenEvent(request_id=rid, token_id=1, num_prompt_tokens=300, num_output_tokens=1)]).encode())
+        await nats_client.publish(Subjects.tokens("g"), TokenBatch(instance_id="d0", events=[
+            TokenEvent(request_id=rid, token_id=2, finished=True, num_prompt_tokens=300,
+                       num_output_tokens=50)]).encode())
+    await nats_client.flush()
+    plan = await asyncio.wait_for(plans.get(), timeout=60)
+    stop.set()
+    await task
+    assert plan["reason"] == "first plan" and plan["model"] == "opt-13b"
+    assert plan["prefill"]["instances"] >= 1 and plan["decode"]["instances"] >= 1  # type: ignore[index]
+    assert service.tracker.done and service.tracker.done[0].input_tokens == 300
