@@ -61,7 +61,9 @@ class WorkerSettings(_Section):
     transport: str = Field(default="auto", description="KV transport: auto (ucx when ucxx imports, else tcp), ucx, tcp")
     transfer_host: str = Field(default="127.0.0.1", description="address the KV transport listens on")
     kv_lease_s: float = Field(default=300.0, gt=0, description="prefill frees KV nobody pulled after this")
-    pull_timeout_s: float = Field(default=60.0, gt=0)
+    pull_timeout_s: float = Field(default=30.0, gt=0, description="a KV pull that takes longer has failed")
+    kv_failure_policy: Literal["recompute", "fail"] = Field(
+        default="recompute", description="a failed KV pull: decode recomputes the prefill, or the request fails")
 
 
 class TelemetrySettings(_Section):
@@ -141,6 +143,7 @@ COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
     "--redis-url": ("redis_url", str, "Redis URL (external)"),
     "--transport": ("worker.transport", str, "KV transport: auto (ucx when installed, else tcp) | ucx | tcp"),
     "--transfer-host": ("worker.transfer_host", str, "address the KV transport binds"),
+    "--kv-failure-policy": ("worker.kv_failure_policy", str, "failed KV pull: recompute | fail"),
     "--otel": ("telemetry.exporter", str, "trace exporter: none | console | otlp"),
     "--otlp-endpoint": ("telemetry.otlp_endpoint", str, "OTLP/HTTP traces endpoint"),
 }

@@ -118,10 +118,7 @@ class DecodeWorker(Worker):
             stats = await self.transport.pull(kv.address, kv.transfer_id, views,
                                               self.settings.worker.pull_timeout_s)
         except TransferError as exc:
-            await self.engine_call(lambda e: e.kv_import_abort(rid))
-            if not tracked.aborted:
-                await self._give_up(tracked, f"KV transfer failed: {exc}", 502)
-            self._room.set()
+            await self._transfer_failed(tracked, exc)
             return
         ended = time.time()
         if tracked.aborted:
@@ -138,6 +135,25 @@ class DecodeWorker(Worker):
         self.tracing.record("decode queue", tracked.received, started, tracked.trace, {"instance": self.instance_id})
         self.tracing.record("kv transfer", started, ended, tracked.trace,
                             {"bytes": stats.nbytes, "transport": stats.transport, "from": kv.prefill_instance})
+        self.report_soon()
+
+    async def _transfer_failed(self, tracked: DecodeTracked, exc: TransferError) -> None:
+        """Per the policy: recompute the prefill here (its blocks are reserved already), or fail it."""
+        assert tracked.request is not None
+        rid, policy = tracked.request_id, self.settings.worker.kv_failure_policy
+        log.warning("%s: KV pull of %s failed (%s); policy %s", self.instance_id, rid, exc, policy)
+        if tracked.aborted or policy == "fail":
+            await self.engine_call(lambda e: e.kv_import_abort(rid))
+            self._room.set()
+            if not tracked.aborted:
+                await self._give_up(tracked, f"KV transfer failed: {exc}", 502)
+            return
+        await self.engine_call(lambda e: e.kv_import_recompute(rid))
+        tracked.phase = "running"
+        tracked.decode_start = time.time()
+        await self.publish(p.Subjects.release(tracked.request.kv.prefill_instance),
+                           p.KVRelease(request_id=rid, pulled=False))
+        self.state.update(rid, decode_start=tracked.decode_start, kv_recomputed=1, kv_error=str(exc))
         self.report_soon()
 
     async def _give_up(self, tracked: DecodeTracked, message: str, status: int) -> None:

@@ -237,11 +237,15 @@ class Dispatcher:
     # -- endings ------------------------------------------------------------------------------------
 
     def _fail(self, flight: InFlight, status: int, message: str) -> None:
+        """End a request with an error; every worker frees what it still holds of it (e.g. a dead
+        decode worker's request leaves its KV held on the prefill side)."""
         if flight.done:
             return
         flight.events.put_nowait(p.TokenEvent(request_id=flight.request_id, finished=True, error=message,
                                               status=status))
         self._finish(flight, "error", error=message)
+        asyncio.ensure_future(self._publish(p.Subjects.abort, p.AbortRequest(request_id=flight.request_id,
+                                                                             reason=message)))
 
     def _finish(self, flight: InFlight, outcome: str, error: str | None = None) -> None:
         if flight.done:
