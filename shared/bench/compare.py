@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from shared.bench import plots, report
 from shared.bench.client import ClientConfig, discover_model, make_http_client, stream_request
-from shared.bench.metrics import percentile
+from shared.bench.metrics import RequestRecord, percentile
 from shared.bench.serve import (
     BenchResult,
     Progress_,
@@ -45,7 +45,7 @@ from shared.bench.serve import (
 )
 from shared.config import Settings, load_settings
 from shared.state import read_request, recent_requests
-from shared.workloads import SLO
+from shared.workloads import SLO, WorkloadRequest
 
 # name -> what it runs on `cores` cores (each role's threads are set explicitly, never shared).
 DEPLOYMENTS: dict[str, str] = {
@@ -237,12 +237,12 @@ def plot_all(results: Sequence[BenchResult], slo: SLO, scale_rate: float, out: P
 
 @dataclass
 class Measured:
-    records: dict[float, list[Any]]
+    records: dict[float, list[RequestRecord]]
     timelines: dict[float, list[Mapping[str, str]]]
 
 
-def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[Any], slo: SLO,
-                   progress: Progress_ | None, say: Callable[[str], None]) -> Measured:
+def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[WorkloadRequest],
+                   slo: SLO, progress: Progress_ | None, say: Callable[[str], None]) -> Measured:
     """Start a fresh stack, warm it up, sweep it, read its request timelines, stop it."""
     from services.launcher import Stack  # the services are only needed when a comparison runs
 
@@ -280,6 +280,15 @@ async def warm_up(client: ClientConfig, n: int) -> None:
                 raise RuntimeError(f"warm-up request failed: {timing.error}")
 
 
+def cap_outputs(requests: Sequence[WorkloadRequest], cap: int | None) -> list[WorkloadRequest]:
+    """Clamp output lengths to ``cap`` so a sweep fits in time, without changing which requests run."""
+    if cap is None:
+        return list(requests)
+    if cap < 1:
+        raise ValueError(f"--output-cap must be >= 1, got {cap}")
+    return [replace(r, output_tokens=min(r.output_tokens, cap)) for r in requests]
+
+
 # ---- command line ------------------------------------------------------------------------------------
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -296,6 +305,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
     p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
+    p.add_argument("--output-cap", type=int, help="clamp every output length to this many tokens, keeping "
+                   "every request (--max-output-tokens skips longer ones instead)")
     add_workload_args(p)
     p.set_defaults(func=main)
 
@@ -307,7 +318,7 @@ def main(args: argparse.Namespace) -> int:
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                             chunk_tokens=args.chunk_tokens, model=args.model)
-        requests = workload_from_args(args)
+        requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
