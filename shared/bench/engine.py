@@ -1,0 +1,268 @@
+"""`distserve bench engine`: prefill and decode speed of the engine next to this machine's own limits.
+
+The limits are measured in the same run with the same threads: memory bandwidth from a large tensor
+copy (read + write bytes) and fp32 GEMM FLOP/s from a large matmul. Decode is memory-bound (its floor
+is the weight and KV bytes read per step over the bandwidth); prefill is compute-bound (its ceiling
+is the GEMM rate). Every number is the median of timed runs after warm-up runs, through
+`LLMEngine.step()`, so scheduling, sampling and detokenization are included as a server sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from shared.engine.cli import positive_int
+from shared.engine.config import EngineConfig
+from shared.engine.engine import LLMEngine
+from shared.engine.sequence import SamplingParams
+
+VARIANTS = ("fp32", "int8")
+
+
+@dataclass(frozen=True)
+class Machine:
+    threads: int
+    bandwidth_bytes_s: float  # read + write bytes of a large copy
+    gemm_flop_s: float  # fp32
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    variant: str
+    tokens: int
+    seconds: float
+    flops: float
+
+    @property
+    def tokens_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    variant: str
+    batch: int
+    context: int
+    seconds: float  # per step
+    bytes_read: float  # weights + KV of the batch
+
+    @property
+    def tokens_s(self) -> float:
+        return self.batch / self.seconds
+
+
+def median_time(fn: Callable[[], object], warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_machine(warmup: int, repeat: int, copy_mib: int, gemm_n: int) -> Machine:
+    src = torch.rand(copy_mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    copy_s = median_time(lambda: dst.copy_(src), warmup, repeat)
+    a, b = torch.rand(gemm_n, gemm_n), torch.rand(gemm_n, gemm_n)
+    out = torch.empty(gemm_n, gemm_n)
+    gemm_s = median_time(lambda: torch.mm(a, b, out=out), warmup, repeat)
+    return Machine(torch.get_num_threads(), 2 * src.nbytes / copy_s, 2 * gemm_n**3 / gemm_s)
+
+
+def decode_weight_bytes(engine: LLMEngine) -> int:
+    """Bytes one decode step must read: every weight except the embedding table and RoPE tables, of
+    which only a few rows are touched (a tied LM head is counted, through lm_head)."""
+    seen: set[int] = set()
+    total = 0
+    for name, module in engine.model.named_modules():
+        if name in ("embed_tokens", "rotary"):
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def prefill_flops(engine: LLMEngine, n: int) -> float:
+    """2 * (layer params) * tokens + the LM head for the one sampled row + causal attention."""
+    c = engine.model_config
+    layer_params = c.num_layers * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+                                   + 3 * c.hidden_size * c.intermediate_size)
+    attention = c.num_layers * 2 * n * n * c.num_heads * c.head_dim  # QK^T and PV, half of each (causal)
+    return 2 * layer_params * n + 2 * c.vocab_size * c.hidden_size + attention
+
+
+def random_prompt(engine: LLMEngine, n: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(3, engine.model_config.vocab_size, (n,), generator=generator).tolist()
+
+
+def bench_prefill(engine: LLMEngine, variant: str, n: int, warmup: int, repeat: int) -> PrefillResult:
+    generator = torch.Generator().manual_seed(n)
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    runs = iter(range(warmup + repeat))
+
+    def run() -> None:  # one prompt, one step: prefill and its first token
+        engine.add_request(f"prefill-{n}-{next(runs)}", random_prompt(engine, n, generator), params)
+        engine.step()
+        if engine.has_unfinished():
+            raise RuntimeError("prefill did not finish in one step")
+
+    return PrefillResult(variant, n, median_time(run, warmup, repeat), prefill_flops(engine, n))
+
+
+def bench_decode(engine: LLMEngine, variant: str, batch: int, context: int, warmup: int, steps: int,
+                 weight_bytes: int) -> DecodeResult:
+    generator = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0, ignore_eos=True)
+    ids = [f"decode-{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, random_prompt(engine, context, generator), params)
+    while engine.stats().num_waiting:  # prefill everything first
+        engine.step()
+    if engine.stats().num_running != batch:
+        raise RuntimeError(f"only {engine.stats().num_running} of {batch} sequences fit in one decode batch")
+    seconds = median_time(engine.step, warmup, steps)
+    mid_context = context + warmup + steps // 2
+    kv_bytes = batch * mid_context * engine.model_config.kv_bytes_per_token(engine.cache.data.element_size())
+    for rid in ids:
+        engine.abort(rid)
+    return DecodeResult(variant, batch, mid_context, seconds, weight_bytes + kv_bytes)
+
+
+def bench_variant(args: argparse.Namespace, variant: str, console: Console
+                  ) -> tuple[list[PrefillResult], list[DecodeResult], int]:
+    max_batch = max(args.decode_batches)
+    tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weight_int8=variant == "int8",
+                                    max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
+                                    kv_cache_memory_gib=args.kv_gib))
+    capacity = engine.blocks.num_blocks * engine.config.block_size
+    if capacity < tokens_needed + max_batch * engine.config.block_size:
+        raise ValueError(f"--kv-gib {args.kv_gib} holds {capacity} tokens; this grid needs about {tokens_needed}")
+    weight_bytes = decode_weight_bytes(engine)
+    prefills = []
+    for n in args.prefill_lengths:
+        console.log(f"{variant}: prefill {n} tokens")
+        prefills.append(bench_prefill(engine, variant, n, args.warmup, args.repeat))
+    decodes = []
+    for b in args.decode_batches:
+        console.log(f"{variant}: decode batch {b}")
+        decodes.append(bench_decode(engine, variant, b, args.context, args.warmup, args.decode_steps, weight_bytes))
+    return prefills, decodes, weight_bytes
+
+
+def machine_table(m: Machine) -> Table:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    table = Table(title=f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    for name in ("threads", "load average", "copy bandwidth (R+W)", "fp32 GEMM"):
+        table.add_column(name, justify="right")
+    table.add_row(str(m.threads), load, f"{m.bandwidth_bytes_s / 1e9:.3g} GB/s", f"{m.gemm_flop_s / 1e9:.3g} GFLOP/s")
+    return table
+
+
+def prefill_table(results: list[PrefillResult], m: Machine) -> Table:
+    table = Table(title="Prefill: one prompt per step (FLOPs: 2 x params x tokens + causal attention)")
+    for name in ("variant", "tokens", "ms", "tokens/s", "GFLOP/s", "of GEMM"):
+        table.add_column(name, justify="right")
+    for r in results:
+        rate = r.flops / r.seconds
+        table.add_row(r.variant, str(r.tokens), f"{1000 * r.seconds:.1f}", f"{r.tokens_s:.0f}",
+                      f"{rate / 1e9:.3g}", f"{100 * rate / m.gemm_flop_s:.0f}%")
+    return table
+
+
+def decode_table(results: list[DecodeResult], m: Machine, weight_bytes: dict[str, int]) -> Table:
+    table = Table(title="Decode: one token per sequence per step (floor: weight + KV bytes read / bandwidth)")
+    for name in ("variant", "batch", "context", "weights MB", "ms/step", "tokens/s", "floor ms", "step/floor",
+                 "vs batch 1"):
+        table.add_column(name, justify="right")
+    for r in results:
+        floor = r.bytes_read / m.bandwidth_bytes_s
+        base = next((b for b in results if b.variant == r.variant and b.batch == 1), None)
+        versus = f"{r.tokens_s / base.tokens_s:.1f}x" if base else "-"
+        table.add_row(r.variant, str(r.batch), str(r.context), f"{weight_bytes[r.variant] / 1e6:.3g}",
+                      f"{1000 * r.seconds:.1f}", f"{r.tokens_s:.1f}", f"{1000 * floor:.3g}",
+                      f"{r.seconds / floor:.2f}x", versus)
+    return table
+
+
+def int_list(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {value!r}") from None
+    if any(v < 1 for v in items):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, not {value!r}")
+    return items
+
+
+def variant_list(value: str) -> list[str]:
+    items = value.split(",")
+    bad = [v for v in items if v not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    return items
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("engine", help="engine prefill and decode speed against this machine's limits",
+                              description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model", default="default", help="as for `distserve generate` (default %(default)s)")
+    p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--variants", type=variant_list, default=["fp32"],
+                   help="comma-separated, run one after the other: fp32 and/or int8 (weight-only); default fp32")
+    p.add_argument("--int8", dest="variants", action="store_const", const=["int8"], help="same as --variants int8")
+    p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default %(default)s)")
+    p.add_argument("--decode-steps", type=positive_int, default=16, help="timed steps per decode batch (default 16)")
+    p.add_argument("--prefill-lengths", type=int_list, default=[128, 512, 1024], help="default 128,512,1024")
+    p.add_argument("--decode-batches", type=int_list, default=[1, 8, 32], help="default 1,8,32")
+    p.add_argument("--context", type=positive_int, default=128, help="prompt tokens per decode sequence (default 128)")
+    p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
+    p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")
+    p.add_argument("--gemm-n", type=positive_int, default=2048, help="GEMM test size n x n x n (default 2048)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # whole tables in files and pipes
+    log = Console(stderr=True)
+    if args.warmup < 0:
+        log.print("[red]error:[/red] --warmup must be >= 0")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n)
+    prefills: list[PrefillResult] = []
+    decodes: list[DecodeResult] = []
+    weight_bytes: dict[str, int] = {}
+    for variant in args.variants:
+        try:
+            p, d, weight_bytes[variant] = bench_variant(args, variant, log)
+        except (ValueError, FileNotFoundError) as e:
+            log.print(f"[red]error:[/red] {e}")
+            return 2
+        prefills += p
+        decodes += d
+        gc.collect()  # the previous variant's weights and KV cache go before the next loads
+    console.print(f"model: {args.model}")
+    console.print(machine_table(machine))
+    console.print(prefill_table(prefills, machine))
+    console.print(decode_table(decodes, machine, weight_bytes))
+    return 0
