@@ -163,7 +163,7 @@ def format_request(request_id: str, state: Mapping[str, str]) -> str:
     """A human-readable timeline of one request."""
     lines = [f"request {request_id}  status={state.get('status', '?')}"]
     for key in ("model", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens",
-                "finish_reason", "kv_bytes", "kv_transfer_ms", "error"):
+                "finish_reason", "kv_transport", "kv_bytes", "kv_transfer_ms", "kv_recomputed", "error"):
         if key in state:
             lines.append(f"  {key:<17} {state[key]}")
     if "arrived" in state:

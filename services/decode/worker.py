@@ -131,7 +131,8 @@ class DecodeWorker(Worker):
         tracked.transfer = p.TransferInfo(nbytes=stats.nbytes, seconds=stats.seconds, transport=stats.transport)
         await self.publish(p.Subjects.release(kv.prefill_instance), p.KVRelease(request_id=rid))
         self.state.update(rid, kv_transfer_start=started, kv_transfer_end=ended, decode_start=tracked.decode_start,
-                          kv_bytes=stats.nbytes, kv_transfer_ms=round(stats.seconds * 1e3, 3))
+                          kv_bytes=stats.nbytes, kv_transfer_ms=round(stats.seconds * 1e3, 3),
+                          kv_transport=stats.transport)
         self.tracing.record("decode queue", tracked.received, started, tracked.trace, {"instance": self.instance_id})
         self.tracing.record("kv transfer", started, ended, tracked.trace,
                             {"bytes": stats.nbytes, "transport": stats.transport, "from": kv.prefill_instance})

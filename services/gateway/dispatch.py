@@ -212,8 +212,9 @@ class Dispatcher:
             self.metrics.ttft.observe(now - flight.arrived)
             self.state.update(flight.request_id, first_token=now, status="prefilled")
         if event.transfer is not None:
-            self.metrics.kv_transfer.observe(event.transfer.seconds)
-            self.metrics.kv_bytes.inc(event.transfer.nbytes)
+            transport = event.transfer.transport
+            self.metrics.kv_transfer.labels(transport=transport).observe(event.transfer.seconds)
+            self.metrics.kv_bytes.labels(transport=transport).inc(event.transfer.nbytes)
             self.state.update(flight.request_id, status="decoding")
         flight.output_tokens = event.num_output_tokens
         if event.kv is not None and not event.finished:

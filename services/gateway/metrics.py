@@ -29,9 +29,9 @@ class GatewayMetrics:
                               registry=r, buckets=_TPOT_BUCKETS)
         self.e2e = Histogram("distserve_e2e_seconds", "end-to-end request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
-        self.kv_transfer = Histogram("distserve_kv_transfer_seconds", "KV cache pull time per request",
+        self.kv_transfer = Histogram("distserve_kv_transfer_seconds", "KV cache pull time per request", ["transport"],
                                      registry=r, buckets=_TPOT_BUCKETS)
-        self.kv_bytes = Counter("distserve_kv_transfer_bytes", "KV cache bytes moved prefill -> decode",
+        self.kv_bytes = Counter("distserve_kv_transfer_bytes", "KV cache bytes moved prefill -> decode", ["transport"],
                                 registry=r)
         self.requests = Counter("distserve_requests", "finished requests by outcome", ["outcome"], registry=r)
         self.slo_attained = Counter("distserve_slo_attained_requests",

@@ -55,6 +55,7 @@ def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
                                  started_at=0, load=p.WorkerLoad(total_blocks=1)))
     metrics = GatewayMetrics(registry)
     metrics.ttft.observe(0.1)
+    metrics.kv_transfer.labels(transport="tcp").observe(0.01)
     metrics.requests.labels(outcome="ok").inc()
     exported = set(re.findall(r"^(distserve_\w+?)(?:\{| )", generate_latest(metrics.registry).decode(), re.M))
     dashboard = json.loads((COMPOSE / "grafana" / "dashboards" / "distserve.json").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import re
 import time
 
@@ -174,6 +175,8 @@ def test_request_state_has_the_whole_timeline(stack: Stack, redis_server: RedisS
         assert phase in state, phase
     assert state["prefill_instance"] == "prefill-0" and state["decode_instance"] == "decode-0"
     assert int(state["kv_bytes"]) > 0 and state["output_tokens"] == "5"
+    ucx_installed = importlib.util.find_spec("ucxx") is not None
+    assert state["kv_transport"] == ("ucx" if ucx_installed else "tcp")  # the default: auto
 
 
 def test_colocated_stack_serves_and_stops_cleanly(redis_server: RedisServer) -> None:
