@@ -69,6 +69,7 @@ def register(subparsers: Any) -> None:
                       help="sharegpt (paper's chatbot), chatbot, code, summarization, or fixed:IN:OUT")
     plan.add_argument("--rate", type=positive_float, required=True, help="target requests/s")
     plan.add_argument("--cv", type=positive_float, default=1.0, help="arrival burstiness (1: Poisson)")
+    plan.add_argument("--curve", help="also write attainment-vs-rate curves (plan and baseline) to this PNG")
     out = plan.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--yaml", action="store_true")
@@ -160,6 +161,10 @@ def run_plan(args: argparse.Namespace) -> int:
     except PlanError as e:
         print(f"distserve plan: no plan: {e}", file=sys.stderr)
         return 1
+    if args.curve:
+        from services.planner.curves import plot_curves
+
+        plot_curves(plan, problem, baseline, args.curve)
     if args.json:
         print(plan_json(plan))
     elif args.yaml:
