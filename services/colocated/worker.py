@@ -7,7 +7,6 @@ token budget in every step). Same gateway, protocol and engine as the disaggrega
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +17,6 @@ from services.worker.base import Tracked, Worker
 from services.worker.runner import StepResult
 from shared import protocol as p
 from shared.telemetry import extract_context
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,10 +38,8 @@ class ColocatedWorker(Worker):
                             free_blocks=s.free_blocks, total_blocks=s.total_blocks)
 
     async def _on_submit(self, msg: Msg) -> None:
-        try:
-            req = p.decode(p.PrefillRequest, msg.data)
-        except ValueError:
-            log.warning("%s: malformed request dropped", self.instance_id)
+        req = self.parse(p.PrefillRequest, msg)
+        if req is None:
             return
         now = time.time()
         self.state.update(req.request_id, queued=now, prefill_instance=self.instance_id,

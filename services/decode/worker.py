@@ -67,10 +67,8 @@ class DecodeWorker(Worker):
                             free_blocks=s.free_blocks, total_blocks=s.total_blocks)
 
     async def _on_submit(self, msg: Msg) -> None:
-        try:
-            req = p.decode(p.DecodeRequest, msg.data)
-        except ValueError:
-            log.warning("%s: malformed decode request dropped", self.instance_id)
+        req = self.parse(p.DecodeRequest, msg)
+        if req is None:
             return
         tracked = DecodeTracked(req.request_id, req.reply_to, extract_context(msg.headers), time.time(), req)
         try:

@@ -47,10 +47,8 @@ class PrefillWorker(Worker):
                             held=s.num_held, free_blocks=s.free_blocks, total_blocks=s.total_blocks)
 
     async def _on_submit(self, msg: Msg) -> None:
-        try:
-            req = p.decode(p.PrefillRequest, msg.data)
-        except ValueError:
-            log.warning("%s: malformed prefill request dropped", self.instance_id)
+        req = self.parse(p.PrefillRequest, msg)
+        if req is None:
             return
         now = time.time()
         self.state.update(req.request_id, queued=now, prefill_instance=self.instance_id)
@@ -93,10 +91,8 @@ class PrefillWorker(Worker):
         await self.send_events(events)
 
     async def _on_release(self, msg: Msg) -> None:
-        try:
-            release = p.decode(p.KVRelease, msg.data)
-        except ValueError:
-            log.warning("%s: malformed release dropped", self.instance_id)
+        release = self.parse(p.KVRelease, msg)
+        if release is None:
             return
         self._free(release.request_id)
 

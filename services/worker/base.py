@@ -29,6 +29,7 @@ from services.worker.runner import EngineRunner, StepResult
 from shared import protocol as p
 from shared.config import EngineSettings, Settings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
+from shared.protocol import M
 from shared.state import StateWriter
 from shared.telemetry import Tracing
 from shared.transfer import KVTransport, create_transport
@@ -269,11 +270,17 @@ class Worker(ABC):
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.instance_id, exc)
 
-    async def _on_abort_msg(self, msg: Msg) -> None:
+    def parse(self, kind: type[M], msg: Msg) -> M | None:
+        """A message of ours, or None (logged) for one that does not parse: never a crashed handler."""
         try:
-            abort = p.decode(p.AbortRequest, msg.data)
+            return p.decode(kind, msg.data)
         except ValueError:
-            log.warning("%s: malformed abort message dropped", self.instance_id)
+            log.warning("%s: malformed %s on %s dropped", self.instance_id, kind.__name__, msg.subject)
+            return None
+
+    async def _on_abort_msg(self, msg: Msg) -> None:
+        abort = self.parse(p.AbortRequest, msg)
+        if abort is None:
             return
         if abort.request_id in self.requests:
             self.spawn(self.on_abort(abort.request_id))  # never wait for the engine in a callback
