@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -324,6 +325,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from shared.servers import free_port
 
+    signal.signal(signal.SIGTERM, _interrupt)  # a stopped comparison still stops its stack
+
     out: Path = args.output_dir or default_output_dir("compare", args.workload)
     load_before = os.getloadavg()  # other work on the machine skews every number: record it
     results: list[BenchResult] = []
@@ -367,6 +370,10 @@ def main(args: argparse.Namespace) -> int:
     }, out)
     console.print(f"results: {out}/ (one folder per deployment; summary.json and plots here)")
     return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def phase_table(name: str, breakdown: Mapping[float, Mapping[str, Mapping[str, float]]]) -> Table:

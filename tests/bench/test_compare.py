@@ -15,6 +15,7 @@ from services.launcher import split_threads, worker_names
 from shared.bench.compare import (
     DEPLOYMENTS,
     EngineKnobs,
+    cap_outputs,
     common_scale_rate,
     comparison_table,
     deployment_settings,
@@ -30,7 +31,7 @@ from shared.bench.metrics import RequestRecord
 from shared.bench.serve import analyze
 from shared.servers import RedisServer
 from shared.state import StateWriter
-from shared.workloads import SLO
+from shared.workloads import SLO, WorkloadRequest
 
 SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
 
@@ -77,6 +78,15 @@ def test_bad_knobs_fail_before_any_stack_starts() -> None:
         EngineKnobs(cores=3)
     args = build_parser().parse_args(["bench", "compare", "--cores", "1", "--no-progress"])
     assert main(args) == 2
+
+
+def test_output_cap_clamps_lengths_and_keeps_every_request() -> None:
+    reqs = [WorkloadRequest("a", 5, 300), WorkloadRequest("b", 7, 20)]
+    assert [r.output_tokens for r in cap_outputs(reqs, 64)] == [64, 20]
+    assert [r.prompt for r in cap_outputs(reqs, 64)] == ["a", "b"]
+    assert cap_outputs(reqs, None) == reqs
+    with pytest.raises(ValueError, match="output-cap"):
+        cap_outputs(reqs, 0)
 
 
 def state(arrived: float, **phases: float) -> dict[str, str]:
