@@ -8,8 +8,9 @@ from typing import Any
 
 from services.planner.latency import LatencyModel, load_profiles, reference_profiles, save_profiles
 from services.planner.simulator import Limits
-from services.planner.specs import SLO, Cluster, gpu_spec, model_key, model_shape
+from services.planner.specs import Cluster, gpu_spec, model_key, model_shape
 from services.planner.workload import Lengths, load_lengths, make_trace, synthetic_lengths
+from shared.workloads import SLO
 
 REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
 

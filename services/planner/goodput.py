@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from services.planner.latency import LatencyModel
 from services.planner.simulator import Deployment, Limits, Mode, SimResult, simulate
-from services.planner.specs import SLO
 from services.planner.workload import Trace
+from shared.workloads import SLO
 
 MIN_RATE, MAX_RATE = 1e-3, 1e5
 
@@ -27,7 +27,7 @@ class Goodput:
 
 def attainment_at(deployment: Deployment, model: LatencyModel, trace: Trace, rate: float, slo: SLO, *,
                   limits: Limits | None = None, mode: Mode = "both", early_stop: bool = False) -> SimResult:
-    stop = math.floor((1 - slo.attainment) * len(trace) + 1e-9) if early_stop else None
+    stop = math.floor((1 - slo.attainment_target) * len(trace) + 1e-9) if early_stop else None
     return simulate(deployment, model, trace.at_rate(rate), limits=limits or Limits(), slo=slo, mode=mode,
                     stop_after_violations=stop)
 
@@ -35,7 +35,7 @@ def attainment_at(deployment: Deployment, model: LatencyModel, trace: Trace, rat
 def find_goodput(deployment: Deployment, model: LatencyModel, trace: Trace, slo: SLO, *,
                  limits: Limits | None = None, mode: Mode = "both", hint: float = 1.0,
                  rel_tol: float = 0.02) -> Goodput:
-    """Largest rate (within ``rel_tol``) whose SLO attainment is >= ``slo.attainment``."""
+    """Largest rate (within ``rel_tol``) whose SLO attainment is >= ``slo.attainment_target``."""
     sims = 0
     best = (0.0, 0.0)
 
@@ -44,9 +44,9 @@ def find_goodput(deployment: Deployment, model: LatencyModel, trace: Trace, slo:
         sims += 1
         result = attainment_at(deployment, model, trace, rate, slo, limits=limits, mode=mode, early_stop=True)
         att = result.attainment(slo)
-        if att >= slo.attainment and rate > best[0]:
+        if att >= slo.attainment_target and rate > best[0]:
             best = (rate, att)
-        return att >= slo.attainment
+        return att >= slo.attainment_target
 
     rate = min(max(hint, MIN_RATE), MAX_RATE)
     if ok(rate):

@@ -25,8 +25,9 @@ from typing import Literal
 from services.planner.goodput import attainment_at, find_goodput
 from services.planner.latency import LatencyModel
 from services.planner.simulator import Colocated, Disaggregated, Limits, Parallel
-from services.planner.specs import SLO, Cluster
+from services.planner.specs import Cluster
 from services.planner.workload import Trace
+from shared.workloads import SLO
 
 Phase = Literal["prefill", "decode"]
 Algorithm = Literal[1, 2]
@@ -308,7 +309,7 @@ def refine(problem: Problem, plan: Plan, max_steps: int = 16) -> tuple[Plan, flo
     att = end_to_end(problem, plan)
     start = (plan.prefill.instances, plan.decode.instances)
     for _ in range(max_steps):
-        if att >= problem.slo.attainment:
+        if att >= problem.slo.attainment_target:
             break
         n, m = plan.prefill.instances, plan.decode.instances
         options = [(n + 1, m + 1)] if plan.algorithm == 2 else [(n, m + 1), (n + 1, m)]
@@ -330,7 +331,7 @@ def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
     if algorithm == "auto":
         plan = algorithm1(problem, cache)
         att = end_to_end(problem, plan)
-        if problem.cluster.nodes > 1 and att < problem.slo.attainment:
+        if problem.cluster.nodes > 1 and att < problem.slo.attainment_target:
             notes.append(f"Algorithm 1's plan attains {att:.1%} end to end with KV over the "
                          f"{problem.cluster.network_bandwidth * 8 / 1e9:g} Gbps network: Algorithm 2 chosen")
             plan = algorithm2(problem, cache)

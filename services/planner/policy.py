@@ -16,8 +16,9 @@ import numpy as np
 from services.planner.latency import LatencyModel
 from services.planner.placement import Plan, Problem, plan_placement
 from services.planner.simulator import Limits
-from services.planner.specs import SLO, Cluster
+from services.planner.specs import Cluster
 from services.planner.workload import Lengths, make_trace
+from shared.workloads import SLO
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def window_stats(requests: Iterable[Observed], now: float, window: float, slo: S
         raise ValueError(f"window must be positive, got {window}")
     recent = [r for r in requests if now - window < r.arrived_at <= now]
     done = [r for r in recent if r.output_tokens > 0]
-    met = [r.ttft <= slo.ttft and (math.isnan(r.tpot) or r.tpot <= slo.tpot) for r in done]
+    met = [r.ttft <= slo.ttft_s and (math.isnan(r.tpot) or r.tpot <= slo.tpot_s) for r in done]
     return WindowStats(
         end=now, window=window, arrivals=len(recent), rate=len(recent) / window,
         mean_input=float(np.mean([r.input_tokens for r in recent])) if recent else 0.0,
@@ -87,8 +88,8 @@ def should_replan(last: WindowStats | None, now: WindowStats, policy: Policy) ->
                            ("mean output", last.mean_output, now.mean_output)):
         if _moved(old, new, policy.rel_change):
             return f"{name} moved {old:.3g} -> {new:.3g}"
-    if now.attainment < policy.slo.attainment:
-        return f"SLO attainment {now.attainment:.1%} below the {policy.slo.attainment:.0%} target"
+    if now.attainment < policy.slo.attainment_target:
+        return f"SLO attainment {now.attainment:.1%} below the {policy.slo.attainment_target:.0%} target"
     return None
 
 

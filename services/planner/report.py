@@ -27,7 +27,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": plan.model, "hardware": plan.hardware, "profile": plan.source, "algorithm": plan.algorithm,
         "rate": plan.rate,
-        "slo": {"ttft": plan.slo.ttft, "tpot": plan.slo.tpot, "attainment": plan.slo.attainment},
+        "slo": {"ttft": plan.slo.ttft_s, "tpot": plan.slo.tpot_s, "attainment": plan.slo.attainment_target},
         "cluster": {"nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node},
         "prefill": _phase(plan.prefill), "decode": _phase(plan.decode),
         "gpus": plan.gpus, "nodes_needed": plan.nodes_needed, "fits_cluster": plan.fits_cluster,
@@ -60,8 +60,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     console = console or Console()
     d = plan_to_dict(plan)
     title = (f"{plan.model} on {plan.cluster.nodes}x{plan.cluster.gpus_per_node} {plan.hardware} "
-             f"({plan.source}), {plan.rate:g} req/s, TTFT {plan.slo.ttft:g} s / TPOT {plan.slo.tpot:g} s "
-             f"at {plan.slo.attainment:.0%}: Algorithm {plan.algorithm}")
+             f"({plan.source}), {plan.rate:g} req/s, TTFT {plan.slo.ttft_s:g} s / TPOT {plan.slo.tpot_s:g} s "
+             f"at {plan.slo.attainment_target:.0%}: Algorithm {plan.algorithm}")
     table = Table(title=title, caption="goodput: req/s one instance (end to end: the whole deployment) "
                   "sustains at the SLO; attain: SLO attainment at the target rate")
     for col in ("", "TP", "PP", "inst", "GPUs", "goodput", "per GPU", "attain"):

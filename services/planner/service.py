@@ -186,7 +186,7 @@ def register_service(subparsers: Any) -> None:
 def _run_service(args: argparse.Namespace) -> int:
     from services.planner.cli import cluster_from, resolve_profiles
     from services.planner.simulator import Limits
-    from services.planner.specs import SLO
+    from shared.workloads import SLO
 
     try:
         model, baseline = resolve_profiles(args)

@@ -31,8 +31,8 @@ import numpy as np
 
 from services.planner.batch import DecodeBatch
 from services.planner.latency import LatencyModel, StepProfile
-from services.planner.specs import SLO
 from services.planner.workload import Trace
+from shared.workloads import SLO
 
 Mode = Literal["both", "prefill", "decode"]
 
@@ -114,8 +114,8 @@ class SimResult:
 
     def _met(self, slo: SLO) -> np.ndarray:
         with np.errstate(invalid="ignore"):
-            ttft_ok = np.ones(len(self.ttft), bool) if self.mode == "decode" else self.ttft <= slo.ttft
-            tpot_ok = np.ones(len(self.tpot), bool) if self.mode == "prefill" else self.tpot <= slo.tpot
+            ttft_ok = np.ones(len(self.ttft), bool) if self.mode == "decode" else self.ttft <= slo.ttft_s
+            tpot_ok = np.ones(len(self.tpot), bool) if self.mode == "prefill" else self.tpot <= slo.tpot_s
         return ttft_ok & tpot_ok
 
     def attainment(self, slo: SLO) -> float:
@@ -124,11 +124,11 @@ class SimResult:
 
     def ttft_attainment(self, slo: SLO) -> float:
         with np.errstate(invalid="ignore"):
-            return float((self.ttft <= slo.ttft).mean())
+            return float((self.ttft <= slo.ttft_s).mean())
 
     def tpot_attainment(self, slo: SLO) -> float:
         with np.errstate(invalid="ignore"):
-            return float((self.tpot <= slo.tpot).mean())
+            return float((self.tpot <= slo.tpot_s).mean())
 
 
 class _Sim:
@@ -169,15 +169,15 @@ class _Sim:
 
     def first_token(self, i: int) -> None:
         self.first[i] = self.now
-        if self.slo and self.mode != "decode" and self.now - self.arrival[i] > self.slo.ttft:
+        if self.slo and self.mode != "decode" and self.now - self.arrival[i] > self.slo.ttft_s:
             self._violate()
 
     def finished(self, i: int) -> None:
         self.finish[i] = self.now
         if not self.slo or self.mode == "prefill" or self.out[i] <= 1:
             return
-        late_first = self.mode != "decode" and self.first[i] - self.arrival[i] > self.slo.ttft
-        if not late_first and (self.now - self.first[i]) / (self.out[i] - 1) > self.slo.tpot:
+        late_first = self.mode != "decode" and self.first[i] - self.arrival[i] > self.slo.ttft_s
+        if not late_first and (self.now - self.first[i]) / (self.out[i] - 1) > self.slo.tpot_s:
             self._violate()
 
 

@@ -1,4 +1,4 @@
-"""What the planner plans for: model shapes, GPU types, a cluster and the SLOs.
+"""What the planner plans for: model shapes, GPU types and a cluster (SLOs: shared.workloads.SLO).
 
 Model shapes give the byte and FLOP counts behind memory limits, KV transfer sizes and the roofline
 profiles. Any Hugging Face ``config.json`` (llama or OPT style) can stand in for a built-in name.
@@ -157,18 +157,3 @@ class Cluster:
     def num_gpus(self) -> int:
         return self.nodes * self.gpus_per_node
 
-
-@dataclass(frozen=True)
-class SLO:
-    """A request meets its SLO when TTFT <= ttft and TPOT <= tpot (seconds); a deployment meets it
-    at a rate when at least ``attainment`` of the requests do."""
-
-    ttft: float
-    tpot: float
-    attainment: float = 0.9
-
-    def __post_init__(self) -> None:
-        if not (self.ttft > 0 and self.tpot > 0):
-            raise ValueError(f"SLO latencies must be positive, got ttft={self.ttft} tpot={self.tpot}")
-        if not 0 < self.attainment <= 1:
-            raise ValueError(f"attainment target must be in (0, 1], got {self.attainment}")

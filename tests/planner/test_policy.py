@@ -11,8 +11,9 @@ from nats.aio.client import Client as NATS
 from services.planner.latency import reference_profiles
 from services.planner.policy import Observed, Policy, replay, should_replan, window_stats
 from services.planner.service import PLAN_SUBJECT, PlannerService
-from services.planner.specs import SLO, Cluster
+from services.planner.specs import Cluster
 from shared.protocol import PrefillRequest, Sampling, Subjects, TokenBatch, TokenEvent
+from shared.workloads import SLO
 
 SLO_ = SLO(0.25, 0.1)
 
