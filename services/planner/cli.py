@@ -92,6 +92,19 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--hardware", help="label for this machine (default: cpu-<arch>-<threads>t)")
     prof.set_defaults(func=_guard(run_profile))
 
+    sim = subparsers.add_parser("simulate", help="simulator vs reality: replay a measured run (requests.json) "
+                                                 "and compare predicted with measured SLO attainment")
+    sim.add_argument("--profile", required=True, help="profile JSON of this machine from `distserve profile`")
+    sim.add_argument("--requests", required=True, help="requests.json written by `distserve bench serve|compare`")
+    sim.add_argument("--deployment", choices=["disagg", "colocated"], default="disagg",
+                     help="disagg: 1 prefill + 1 decode instance; colocated: --instances colocated instances")
+    sim.add_argument("--instances", type=positive_int, default=1)
+    sim.add_argument("--ttft", type=positive_float, required=True, help="TTFT SLO, seconds")
+    sim.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
+    sim.add_argument("--prefill-budget", type=positive_int, default=2048, help="the workers' max_num_batched_tokens")
+    sim.add_argument("--max-batch", type=positive_int, default=64, help="the workers' max_num_seqs")
+    sim.set_defaults(func=_guard(run_simulate))
+
     from services.planner.service import register_service
 
     register_service(subparsers)
@@ -190,4 +203,36 @@ def run_profile(args: argparse.Namespace) -> int:
     save_profiles(args.out, [model])
     print(f"saved profile of {model.model} on {model.hardware} to {args.out} "
           f"(use: distserve plan --profile {args.out} --model {model.model} ...)")
+    return 0
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.planner.replay import load_runs, replay
+    from services.planner.simulator import Colocated, Disaggregated, Parallel
+
+    models = load_profiles(args.profile)
+    if len(models) != 1:
+        raise ValueError(f"{args.profile} holds {len(models)} profiles; simulate takes one machine's profile")
+    (model,) = models.values()
+    one = Parallel(1)
+    deployment = (Disaggregated(one, 1, one, 1) if args.deployment == "disagg"
+                  else Colocated(one, args.instances))
+    slo = SLO(args.ttft, args.tpot)
+    points = replay(load_runs(Path(args.requests)), deployment, model, slo,
+                    Limits(prefill_token_budget=args.prefill_budget, max_batch=args.max_batch))
+    table = Table(title=f"{args.deployment}: SLO attainment measured vs simulated with {model.hardware} profile "
+                        f"(TTFT {args.ttft:g} s, TPOT {args.tpot:g} s)")
+    for column in ("rate", "requests", "measured", "simulated", "error (pp)"):
+        table.add_column(column, justify="right")
+    for point in points:
+        table.add_row(f"{point.rate:g}", str(point.requests), f"{point.measured:.1%}", f"{point.predicted:.1%}",
+                      f"{point.error_pp:+.1f}")
+    Console(width=120).print(table)
+    worst = max(abs(point.error_pp) for point in points)
+    print(f"largest difference: {worst:.1f} percentage points")
     return 0

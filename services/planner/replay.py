@@ -1,0 +1,76 @@
+"""Simulator vs reality: replay a measured benchmark run through the simulator, rate by rate.
+
+`distserve bench serve|compare` write every request of a run (requests.json: its rate, when it was
+sent, the server's prompt token count, the tokens it generated, and its measured TTFT and TPOT).
+The same requests, at the same send times and with the same lengths, go through the simulator with
+a latency profile of this machine (`distserve profile`); the SLO attainment it predicts is set next
+to the attainment that was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.planner.latency import LatencyModel
+from services.planner.simulator import Deployment, Limits, simulate
+from services.planner.workload import Trace
+from shared.workloads import SLO
+
+
+@dataclass(frozen=True)
+class RatePoint:
+    rate: float
+    requests: int
+    measured: float  # SLO attainment, 0..1
+    predicted: float
+
+    @property
+    def error_pp(self) -> float:
+        return 100 * (self.predicted - self.measured)
+
+
+def load_runs(path: Path) -> dict[float, list[Mapping[str, Any]]]:
+    """requests.json rows grouped by rate (runs with rate "inf" have no arrival process to replay)."""
+    rows = json.loads(path.read_text())
+    runs: dict[float, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        rate = float(row["rate"])
+        if math.isfinite(rate):
+            runs.setdefault(rate, []).append(row)
+    if not runs:
+        raise ValueError(f"{path} has no requests sent at a finite rate")
+    return runs
+
+
+def measured_attainment(rows: Sequence[Mapping[str, Any]], slo: SLO) -> float:
+    """Fraction of requests that finished within both SLOs (failed ones count as misses)."""
+    met = [row["ttft"] is not None and row["ttft"] <= slo.ttft_s
+           and (row["tpot"] is None or row["tpot"] <= slo.tpot_s) for row in rows]
+    return sum(met) / len(met)
+
+
+def trace_of(rows: Sequence[Mapping[str, Any]]) -> Trace:
+    """The run as the simulator sees it: send times from zero, the server's prompt lengths, the outputs."""
+    sent = [r for r in rows if r.get("sent_s") is not None]
+    sent.sort(key=lambda r: r["sent_s"])
+    start = sent[0]["sent_s"]
+    arrivals = np.array([r["sent_s"] - start for r in sent], dtype=float)
+    inputs = np.array([r.get("prompt_tokens") or r["input_tokens"] for r in sent], dtype=np.int64)
+    outputs = np.array([max(1, r["output_tokens"] or r["expected_output_tokens"]) for r in sent], dtype=np.int64)
+    return Trace(arrivals, inputs, outputs)
+
+
+def replay(runs: Mapping[float, Sequence[Mapping[str, Any]]], deployment: Deployment, model: LatencyModel,
+           slo: SLO, limits: Limits) -> list[RatePoint]:
+    points = []
+    for rate, rows in sorted(runs.items()):
+        result = simulate(deployment, model, trace_of(rows), limits=limits, slo=slo)
+        points.append(RatePoint(rate, len(rows), measured_attainment(rows, slo), result.attainment(slo)))
+    return points

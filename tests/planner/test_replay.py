@@ -1,0 +1,69 @@
+"""Replaying a recorded run: the simulator sees exactly the requests that were sent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cli import main
+from services.planner.replay import load_runs, measured_attainment, replay, trace_of
+from services.planner.simulator import Disaggregated, Limits, Parallel, simulate
+from services.planner.workload import Trace
+from shared.workloads import SLO
+from tests.planner.conftest import toy_model
+
+SLO_ = SLO(ttft_s=0.1, tpot_s=0.02)
+DEPLOYMENT = Disaggregated(Parallel(1), 1, Parallel(1), 1)
+
+
+def recorded_run(rate: float, n: int, seed: int) -> list[dict[str, object]]:
+    """Rows as `bench serve` writes them, whose latencies are what the toy model predicts."""
+    rng = np.random.default_rng(seed)
+    sent = 5.0 + np.cumsum(rng.exponential(1 / rate, n))  # the run's clock does not start at 0
+    inputs, outputs = rng.integers(10, 400, n), rng.integers(1, 60, n)
+    result = simulate(DEPLOYMENT, toy_model(), Trace(sent - sent[0], inputs, outputs))
+    return [{"index": i, "rate": rate, "sent_s": float(sent[i]), "input_tokens": int(inputs[i]) - 3,
+             "prompt_tokens": int(inputs[i]), "expected_output_tokens": 64, "output_tokens": int(outputs[i]),
+             "ttft": float(result.ttft[i]), "tpot": None if outputs[i] < 2 else float(result.tpot[i])}
+            for i in range(n)]
+
+
+def test_a_run_the_model_produced_is_predicted_exactly(tmp_path: Path) -> None:
+    rows = recorded_run(20.0, 200, 0) + recorded_run(60.0, 200, 1) + [{"rate": "inf"}]
+    path = tmp_path / "requests.json"
+    path.write_text(json.dumps(rows))
+    points = replay(load_runs(path), DEPLOYMENT, toy_model(), SLO_, Limits())
+    assert [p.rate for p in points] == [20.0, 60.0]
+    for point in points:
+        assert point.predicted == pytest.approx(point.measured) and point.requests == 200
+    assert points[1].measured < points[0].measured  # the load shows: the check is not vacuous
+
+
+def test_trace_uses_server_prompt_lengths_and_send_times() -> None:
+    rows = recorded_run(10.0, 5, 2)
+    rows.reverse()
+    trace = trace_of(rows)
+    assert trace.arrivals[0] == 0 and np.all(np.diff(trace.arrivals) > 0)
+    assert sorted(trace.inputs.tolist()) == sorted(int(r["prompt_tokens"]) for r in rows)  # type: ignore[call-overload]
+
+
+def test_failed_requests_count_as_misses() -> None:
+    rows = [{"ttft": 0.05, "tpot": 0.01}, {"ttft": None, "tpot": None}, {"ttft": 0.05, "tpot": 0.5},
+            {"ttft": 0.05, "tpot": None}]
+    assert measured_attainment(rows, SLO_) == 0.5
+
+
+def test_simulate_command_prints_the_comparison(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.planner.latency import save_profiles
+
+    save_profiles(tmp_path / "profile.json", [toy_model(tps=(1,))])
+    (tmp_path / "requests.json").write_text(json.dumps(recorded_run(20.0, 100, 3)))
+    code = main(["simulate", "--profile", str(tmp_path / "profile.json"), "--requests",
+                 str(tmp_path / "requests.json"), "--ttft", "0.1", "--tpot", "0.02"])
+    out = capsys.readouterr().out
+    assert code == 0 and "largest difference: 0.0 percentage points" in out
+    assert main(["simulate", "--profile", str(tmp_path / "nope.json"), "--requests", "x", "--ttft", "1",
+                 "--tpot", "1"]) == 2
