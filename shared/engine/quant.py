@@ -2,12 +2,19 @@
 
 Decode reads every weight once per step, so on a memory-bound CPU a quarter of the bytes is most of
 the win; activations stay in floating point (torch's `_weight_int8pack_mm` kernel).
+
+On the AVX2 CPUs this project runs on, that kernel costs about as much per row as for one row (8 rows
+cost 8x), so inputs of more rows dequantize the weight and run one float GEMM instead; otherwise a
+512-token prefill would take about a minute (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
 
 
 class Int8Linear(nn.Module):
@@ -22,7 +29,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        rows = x.reshape(-1, shape[-1])
+        if rows.shape[0] > KERNEL_MAX_ROWS:
+            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None], self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
