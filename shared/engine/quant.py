@@ -18,6 +18,9 @@ KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (meas
 
 
 class Int8Linear(nn.Module):
+    weight: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out], one per output row
+
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach().float()
