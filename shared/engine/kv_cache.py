@@ -41,8 +41,10 @@ class KVCache:
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of each row's blocks, as [rows, blocks * block_size, kv_heads, head_dim]."""
         rows, nblocks = block_tables.shape
-        k = self.k[layer][block_tables].view(rows, nblocks * self.block_size, *self.k[layer].shape[2:])
-        v = self.v[layer][block_tables].view(rows, nblocks * self.block_size, *self.v[layer].shape[2:])
+        ids = block_tables.reshape(-1)
+        # index_select copies whole blocks; advanced indexing (k[tables]) is ~2x slower on strided storage.
+        k = self.k[layer].index_select(0, ids).view(rows, nblocks * self.block_size, *self.k[layer].shape[2:])
+        v = self.v[layer].index_select(0, ids).view(rows, nblocks * self.block_size, *self.v[layer].shape[2:])
         return k, v
 
     def views(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
