@@ -28,7 +28,7 @@ from shared.engine.config import EngineConfig
 from shared.engine.engine import LLMEngine
 from shared.engine.sequence import SamplingParams
 
-VARIANTS = ("fp32", "int8")
+VARIANTS = ("fp32", "bf16", "int8")  # float32 weights, bfloat16 weights and KV, weight-only int8
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,7 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console
     max_batch = max(args.decode_batches)
     tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weight_int8=variant == "int8",
+                                    dtype="bfloat16" if variant == "bf16" else "float32",
                                     max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
                                     kv_cache_memory_gib=args.kv_gib))
     capacity = engine.blocks.num_blocks * engine.config.block_size
@@ -226,7 +227,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="as for `distserve generate` (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
     p.add_argument("--variants", type=variant_list, default=["fp32"],
-                   help="comma-separated, run one after the other: fp32 and/or int8 (weight-only); default fp32")
+                   help="comma-separated, run one after the other: fp32, bf16, int8 (weight-only); default fp32")
     p.add_argument("--int8", dest="variants", action="store_const", const=["int8"], help="same as --variants int8")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default %(default)s)")
