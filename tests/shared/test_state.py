@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import redis.asyncio as aioredis
 
 from shared.state import StateWriter, format_request, read_request, recent_requests, request_key, timeline
@@ -10,10 +12,11 @@ from shared.state import StateWriter, format_request, read_request, recent_reque
 async def test_writer_merges_fields_sets_ttl_and_indexes(redis_client: aioredis.Redis) -> None:
     writer = StateWriter(redis_client, ttl_s=60)
     writer.start()
-    writer.update("r-state-1", status="queued", arrived=100.0, prompt_tokens=5)
-    writer.update("r-state-1", queued=100.002, prefill_instance="prefill-0")
-    writer.update("r-state-1", prefill_start=100.01, prefill_end=100.05, first_token=100.051)
-    writer.update("r-state-1", status="finished", finish=100.3, output_tokens=8, finish_reason="length")
+    t0 = float(int(time.time()))  # now: the index lists the most recent arrivals first
+    writer.update("r-state-1", status="queued", arrived=t0, prompt_tokens=5)
+    writer.update("r-state-1", queued=t0 + 0.002, prefill_instance="prefill-0")
+    writer.update("r-state-1", prefill_start=t0 + 0.01, prefill_end=t0 + 0.05, first_token=t0 + 0.051)
+    writer.update("r-state-1", status="finished", finish=t0 + 0.3, output_tokens=8, finish_reason="length")
     await writer.close()
 
     state = await read_request(redis_client, "r-state-1")
