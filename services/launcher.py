@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         model = json.loads(httpx.get(f"{stack.url}/v1/models", timeout=5).text)["data"][0]["id"]
         print(f"\ndistserve is serving {model} at {stack.url}  (Ctrl-C stops it)\n"
               f"  curl {stack.url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", "
+              f"    -d '{{\"model\": \"{model}\", \"max_tokens\": 64, \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"What is the capital of France?\"}}]}}'\n"
               f"  metrics: {stack.url}/metrics   health: {stack.url}/health\n", flush=True)
         return stack.watch()
