@@ -65,6 +65,9 @@ class Gateway:
                            code="no_workers")
         if requested is None:
             requested = limit - prompt_tokens
+            if requested < 1:
+                raise APIError(400, f"prompt ({prompt_tokens} tokens) leaves no room to generate within the "
+                                    f"model's context length of {limit} tokens", code="context_length_exceeded")
         if prompt_tokens + requested > limit:
             raise APIError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the "
                                 f"model's context length of {limit} tokens", param="max_tokens",

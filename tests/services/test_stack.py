@@ -155,6 +155,9 @@ def test_bad_completion_requests(stack: Stack, body: dict[str, object], status: 
 
 def test_bad_chat_requests_and_bodies(stack: Stack) -> None:
     url = f"{stack.url}/v1/chat/completions"
+    long_prompt = "hello " * 9000  # beyond the 8192-token context, with no max_tokens: no room to generate
+    response = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": long_prompt}]})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
     assert httpx.post(url, json={"model": MODEL, "messages": []}).status_code == 400
     assert httpx.post(url, json={"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).status_code == 400
     response = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
