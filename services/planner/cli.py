@@ -10,36 +10,13 @@ from services.planner.latency import LatencyModel, load_profiles, reference_prof
 from services.planner.simulator import Limits
 from services.planner.specs import Cluster, gpu_spec, model_key, model_shape
 from services.planner.workload import Lengths, load_lengths, make_trace, synthetic_lengths
+from shared.argtypes import fraction, positive_float, positive_int, positive_ints
 from shared.workloads import SLO
 
 REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -80,10 +57,10 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--model", default="default", help="engine model: default | path | 'random:{...}'")
     prof.add_argument("--name", help="model name in the profile (default: from --model)")
     prof.add_argument("--out", required=True, help="profile JSON to write")
-    prof.add_argument("--prefill-lengths", default="16,64,128,256,512")
-    prof.add_argument("--prefill-batches", default="1,2,4")
-    prof.add_argument("--decode-batches", default="1,2,4,8,16")
-    prof.add_argument("--decode-contexts", default="32,128,512")
+    prof.add_argument("--prefill-lengths", type=positive_ints, default=[16, 64, 128, 256, 512])
+    prof.add_argument("--prefill-batches", type=positive_ints, default=[1, 2, 4])
+    prof.add_argument("--decode-batches", type=positive_ints, default=[1, 2, 4, 8, 16])
+    prof.add_argument("--decode-contexts", type=positive_ints, default=[32, 128, 512])
     prof.add_argument("--decode-steps", type=positive_int, default=4)
     prof.add_argument("--repeats", type=positive_int, default=2)
     prof.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
@@ -189,11 +166,11 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from services.planner.profiler import Grid, fit_report, parse_ints, profile_engine
+    from services.planner.profiler import Grid, fit_report, profile_engine
     from shared.engine import EngineConfig
 
-    grid = Grid(parse_ints(args.prefill_lengths), parse_ints(args.prefill_batches), parse_ints(args.decode_batches),
-                parse_ints(args.decode_contexts), args.decode_steps, args.repeats)
+    grid = Grid(tuple(args.prefill_lengths), tuple(args.prefill_batches), tuple(args.decode_batches),
+                tuple(args.decode_contexts), args.decode_steps, args.repeats)
     name = args.name or ("random" if args.model.startswith("random:") else model_key(args.model))
     config = EngineConfig(model=args.model, kv_cache_memory_gib=args.kv_cache_gib, num_threads=args.threads,
                           dtype=args.dtype)

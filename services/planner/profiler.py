@@ -118,15 +118,6 @@ def profile_engine(config: EngineConfig, grid: Grid, name: str, hardware: str | 
     )
 
 
-def parse_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers, got {text!r}")
-    return values
-
 
 def fit_report(model: LatencyModel) -> Sequence[str]:
     lines = []

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from shared.engine.cli import positive_int
+from shared.argtypes import positive_int, positive_ints
 from shared.engine.config import EngineConfig
 from shared.engine.engine import LLMEngine
 from shared.engine.sequence import SamplingParams
@@ -203,15 +203,6 @@ def decode_table(results: list[DecodeResult], m: Machine, weight_bytes: dict[str
     return table
 
 
-def int_list(value: str) -> list[int]:
-    try:
-        items = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {value!r}") from None
-    if any(v < 1 for v in items):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, not {value!r}")
-    return items
-
 
 def variant_list(value: str) -> list[str]:
     items = value.split(",")
@@ -232,8 +223,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default %(default)s)")
     p.add_argument("--decode-steps", type=positive_int, default=16, help="timed steps per decode batch (default 16)")
-    p.add_argument("--prefill-lengths", type=int_list, default=[128, 512, 1024], help="default 128,512,1024")
-    p.add_argument("--decode-batches", type=int_list, default=[1, 8, 32], help="default 1,8,32")
+    p.add_argument("--prefill-lengths", type=positive_ints, default=[128, 512, 1024], help="default 128,512,1024")
+    p.add_argument("--decode-batches", type=positive_ints, default=[1, 8, 32], help="default 1,8,32")
     p.add_argument("--context", type=positive_int, default=128, help="prompt tokens per decode sequence (default 128)")
     p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
     p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shared.argtypes import positive_float
 from shared.bench import plots, report
 from shared.bench.arrivals import ARRIVAL_PROCESSES, ArrivalProcess, arrival_times
 from shared.bench.client import APIS, ClientConfig, discover_model, make_http_client
@@ -164,12 +164,6 @@ def parse_rates(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
     return rates
 
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:

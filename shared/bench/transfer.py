@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from shared.engine.cli import positive_int
+from shared.argtypes import positive_int, positive_ints
 from shared.transfer import KVTransport, create_transport
 
 MiB = 1 << 20
@@ -222,22 +222,13 @@ def variant_list(value: str) -> list[str]:
     return names
 
 
-def size_list(value: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated MiB counts, not {value!r}") from None
-    if any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1 MiB, not {value!r}")
-    return sizes
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("transfer", help="KV transfer bandwidth per transport against memcpy and TTFT",
                               description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--transports", type=variant_list, default=list(VARIANTS),
                    help=f"comma-separated: {', '.join(VARIANTS)} (default: all available)")
-    p.add_argument("--sizes-mib", type=size_list, default=[1, 16, 64], help="default 1,16,64")
+    p.add_argument("--sizes-mib", type=positive_ints, default=[1, 16, 64], help="default 1,16,64")
     p.add_argument("--prompt-tokens", type=positive_int, default=512, help="tokens of the typical prompt (512)")
     p.add_argument("--ttft-ms", type=float, help="TTFT of that prompt; default: measure its prefill with the engine")
     p.add_argument("--model", default="default", help="model for the TTFT measurement (default %(default)s)")

@@ -10,16 +10,10 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
+from shared.argtypes import positive_int
 from shared.engine.config import EngineConfig
 from shared.engine.engine import LLMEngine, StepOutput
 from shared.engine.sequence import SamplingParams
-
-
-def positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return n
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
