@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from shared.transfer import KVTransport, TransferError, create_transport
+from shared.transfer import KVTransport, TransferError
 from shared.transfer.base import total_nbytes
+from tests.shared.transfer.conftest import transport_pair
 
 TRANSPORTS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(importlib.util.find_spec("ucxx") is None,
                                                                    reason="ucxx is not installed"))]
@@ -31,13 +32,8 @@ def flat(views: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.fixture(params=TRANSPORTS)
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[KVTransport, KVTransport]]:
-    server, client = create_transport(request.param), create_transport(request.param)
-    await server.start()
-    await client.start()
-    yield server, client
-    await client.close()
-    await server.close()
-    await server.close()  # safe twice
+    async with transport_pair(request.param) as started:
+        yield started
 
 
 async def test_pull_fills_differently_split_views(pair: tuple[KVTransport, KVTransport]) -> None:

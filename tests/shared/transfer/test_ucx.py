@@ -17,6 +17,7 @@ pytest.importorskip("shared.transfer.ucx", exc_type=ImportError)  # skips where 
 
 from shared.transfer import KVTransport, TransferError, create_transport  # noqa: E402
 from shared.transfer.ucx import _segments  # noqa: E402
+from tests.shared.transfer.conftest import transport_pair  # noqa: E402
 
 
 def _blocks(seed: int, sizes: list[int]) -> list[torch.Tensor]:
@@ -27,13 +28,8 @@ def _blocks(seed: int, sizes: list[int]) -> list[torch.Tensor]:
 
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[KVTransport, KVTransport]]:
-    server, client = create_transport("ucx"), create_transport("ucx")
-    await server.start()
-    await client.start()
-    yield server, client
-    await client.close()
-    await server.close()
-    await server.close()  # safe twice
+    async with transport_pair("ucx") as started:
+        yield started
 
 
 def test_segments_cut_at_both_sides_boundaries() -> None:
