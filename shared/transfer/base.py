@@ -20,12 +20,14 @@ the services never import one directly, so a new transport (UCX) plugs in withou
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,6 +68,19 @@ class KVTransport(ABC):
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
+        self._tasks: set[asyncio.Task[None]] = set()  # serving and accepting tasks, cancelled by close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     @abstractmethod
     async def start(self) -> None: ...

@@ -14,8 +14,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
@@ -67,7 +66,6 @@ class TcpTransport(KVTransport):
         self._offers: dict[str, list[torch.Tensor]] = {}
         self._listener: socket.socket | None = None
         self._port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # pooled client connections
 
     # -- serving (prefill side) -------------------------------------------------------------------
@@ -93,11 +91,6 @@ class TcpTransport(KVTransport):
 
     def withdraw(self, transfer_id: str) -> None:
         self._offers.pop(transfer_id, None)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -193,11 +186,7 @@ class TcpTransport(KVTransport):
 
     async def close(self) -> None:
         self._offers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._cancel_tasks()
         if self._listener is not None:
             self._listener.close()
             self._listener = None

@@ -35,7 +35,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +219,6 @@ class UcxTransport(KVTransport):
         self._context: Any = None
         self._progress: _Progress | None = None
         self._endpoints: dict[bytes, Any] = {}  # peer worker address -> UCXEndpoint
-        self._tasks: set[asyncio.Task[None]] = set()
         self._address = ""
 
     # -- setup ------------------------------------------------------------------------------------
@@ -246,11 +245,6 @@ class UcxTransport(KVTransport):
         if not self._address:
             raise RuntimeError("transport not started")
         return self._address
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _endpoint(self, address: bytes) -> Any:
         ep = self._endpoints.get(address)
@@ -414,11 +408,7 @@ class UcxTransport(KVTransport):
 
     async def close(self) -> None:
         self._offers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._cancel_tasks()
         if self._worker is None:
             return
         with contextlib.suppress(UCXError):
