@@ -55,7 +55,8 @@ class PrefillWorker(Worker):
         self.admit(req, PrefillTracked(req.request_id, req.reply_to, extract_context(msg.headers), now))
 
     def post_step(self, outputs: list[StepOutput]) -> dict[str, KVExport]:
-        # On the engine thread, before any command can abort or release the held requests.
+        # On the engine thread, right after the step: export while the request is held (an abort may
+        # have freed it since; then it has no export and handle_step skips it).
         assert self.engine is not None
         exports: dict[str, KVExport] = {}
         for out in outputs:
@@ -70,7 +71,7 @@ class PrefillWorker(Worker):
         events: list[tuple[str, p.TokenEvent]] = []
         for out in result.outputs:
             tracked: PrefillTracked | None = self.requests.get(out.request_id)
-            if tracked is None:  # aborted while its step ran: the abort command frees it next
+            if tracked is None:  # aborted meanwhile: the engine freed (or frees) its KV
                 continue
             self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended)
             self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)

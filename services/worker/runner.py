@@ -1,8 +1,10 @@
 """EngineRunner: an LLMEngine's step loop on its own thread, driven from an asyncio event loop.
 
-`engine.step()` holds the engine's lock for a whole forward pass (tens of ms to seconds), so the
-event loop never calls the engine directly: it queues commands (`call`), which the engine thread
-runs between steps, and gets step outputs back through `call_soon_threadsafe`. NATS traffic, token
+The event loop never calls the engine directly (a call may wait for the engine's lock): `call` runs
+it on a second, single thread, in the order the calls were made. The engine holds its lock only
+around scheduling and output processing, not the forward pass, so an add, abort, release or KV
+import lands within milliseconds even while a long step computes, and the step loop picks it up at
+its next iteration. Step outputs come back through `call_soon_threadsafe`. NATS traffic, token
 streaming and KV transfers keep flowing while the model computes (torch releases the GIL).
 """
 
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from shared.engine import EngineStats, LLMEngine, StepOutput
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 X = TypeVar("X")
 
-_IDLE_WAIT_S = 0.1  # safety net only: every state change arrives as a command, which wakes the thread
+_IDLE_WAIT_S = 0.1  # safety net only: every call wakes the step loop
 
 
 @dataclass
@@ -48,8 +50,7 @@ class EngineRunner(Generic[X]):
         self.on_fatal = on_fatal  # the step loop died: the worker must stop, not hang
         self.stats: EngineStats = engine.stats()  # snapshot; read lock-free from the loop
         self.steps = 0
-        self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], asyncio.Future[Any]]] = \
-            queue.SimpleQueue()
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="engine-call")  # one thread: calls stay ordered
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -58,31 +59,33 @@ class EngineRunner(Generic[X]):
         self._thread.start()
 
     def call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
-        """Run fn(engine) on the engine thread between steps; its result (or exception) on the loop."""
-        future: asyncio.Future[T] = self.loop.create_future()
-        self._commands.put((fn, future))
-        self._wake.set()
-        return future
+        """Run fn(engine) off the event loop, after every earlier call; its result (or exception) on the loop."""
+        if self._stopping:
+            future: asyncio.Future[T] = self.loop.create_future()
+            future.set_exception(RuntimeError("engine stopped"))
+            return future
+        return asyncio.wrap_future(self._calls.submit(self._call, fn), loop=self.loop)
+
+    def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+        try:
+            return fn(self.engine)
+        finally:
+            self.stats = self.engine.stats()
+            self._wake.set()  # the call may have given the step loop work (or room)
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        self._calls.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 30)
-        while True:
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            _settle(future, None, RuntimeError("engine stopped"))
 
     # -- engine thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         engine = self.engine
         while not self._stopping:
-            self._run_commands()
-            outputs: list[StepOutput] = []
+            self._wake.clear()  # before looking for work: a call made from here on wakes the wait below
             if engine.has_unfinished():
                 started = time.time()
                 try:
@@ -91,51 +94,19 @@ class EngineRunner(Generic[X]):
                     log.exception("engine step failed")
                     self._fail(exc)
                     return
+                ended = time.time()
+                self.stats = engine.stats()  # even without outputs: a deferred abort may have freed blocks
                 if outputs:
-                    ended = time.time()
                     self.steps += 1
                     extra = self.post_step(outputs) if self.post_step else None
-                    self.stats = engine.stats()
                     self.loop.call_soon_threadsafe(self.on_step, StepResult(outputs, started, ended, extra,
                                                                             self.stats))
                     continue
-            # Idle, or blocked on memory: sleep until a command (new work, a release, an abort).
+            # Idle, or blocked on memory: sleep until a call (new work, a release, an abort).
             self._wake.wait(_IDLE_WAIT_S)
-            self._wake.clear()
 
     def _fail(self, exc: BaseException) -> None:
         self._stopping = True
-        while True:  # nobody will run the queued commands now
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            self.loop.call_soon_threadsafe(_settle, future, None, RuntimeError("engine stopped"))
+        self._calls.shutdown(wait=False, cancel_futures=True)  # nobody will step the engine now
         if self.on_fatal is not None:
             self.loop.call_soon_threadsafe(self.on_fatal, exc)
-
-    def _run_commands(self) -> None:
-        ran = False
-        while True:
-            try:
-                fn, future = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            ran = True
-            try:
-                result = fn(self.engine)
-            except Exception as exc:
-                self.loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                self.loop.call_soon_threadsafe(_settle, future, result, None)
-        if ran:
-            self.stats = self.engine.stats()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

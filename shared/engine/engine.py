@@ -1,7 +1,10 @@
 """LLMEngine: the scheduler, the model and the KV cache behind one small API (docs/engine-api.md).
 
 Thread safety: every public method takes the engine's lock, so a worker may run `step()` in its own
-thread while its event loop adds, aborts, exports and imports requests.
+thread while its event loop adds, aborts, exports and imports requests. `step()` holds the lock only
+to schedule and to process outputs, not during the forward pass: a KV import can reserve blocks and
+join the batch, and a release can free blocks, while the model computes. The one call that would
+touch the forward's own blocks, aborting a request in the running batch, waits for the step's end.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self.generator = torch.Generator().manual_seed(torch.seed())
         self.lock = threading.RLock()
+        self._stepping = threading.Lock()  # one forward pass at a time
+        self._in_flight: frozenset[str] = frozenset()  # requests in the forward pass now
+        self._abort_after_step: set[str] = set()  # aborted while in flight: freed when the step ends
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -136,6 +142,9 @@ class LLMEngine:
             seq = self.sequences.get(request_id)
             if seq is None:
                 return False
+            if request_id in self._in_flight:  # its blocks are being written: free them after the step
+                self._abort_after_step.add(request_id)
+                return True
             if seq.status is Status.WAITING:
                 self.scheduler.waiting.remove(seq)
             elif seq.status is Status.RUNNING:
@@ -166,16 +175,30 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        with self.lock:
-            scheduled = self.scheduler.schedule()
-            if not scheduled:
-                return []
-            batch, sampling = self._build_batch(scheduled)
-            logits = self.model(batch, self.cache)
-            for seq, n in scheduled:
-                seq.num_computed_tokens += n
-            tokens = sample(logits, sampling, self.generator)
-            return [self._process(seq, token) for seq, token in zip(sampling, tokens, strict=True)]
+        with self._stepping:
+            with self.lock:
+                scheduled = self.scheduler.schedule()
+                if not scheduled:
+                    return []
+                batch, sampling = self._build_batch(scheduled)
+                self._in_flight = frozenset(seq.request_id for seq, _ in scheduled)
+            try:
+                logits = self.model(batch, self.cache)  # without the lock: see the module docstring
+            except BaseException:
+                with self.lock:
+                    self._in_flight = frozenset()
+                raise
+            with self.lock:
+                self._in_flight = frozenset()
+                for seq, n in scheduled:
+                    seq.num_computed_tokens += n
+                tokens = sample(logits, sampling, self.generator)
+                aborted, self._abort_after_step = self._abort_after_step, set()
+                outputs = [self._process(seq, token) for seq, token in zip(sampling, tokens, strict=True)
+                           if seq.request_id not in aborted]
+                for request_id in aborted:
+                    self.abort(request_id)
+                return outputs
 
     def _build_batch(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
         decodes = [(s, n) for s, n in scheduled if n == 1]

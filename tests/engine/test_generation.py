@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from shared.engine import LLMEngine, SamplingParams
+from shared.engine import LLMEngine, SamplingParams, StepOutput
 from tests.engine.conftest import make_engine, run_to_completion
 
 PROMPTS = [
@@ -153,6 +155,47 @@ def test_abort_frees_blocks(engine: LLMEngine) -> None:
     assert engine.abort("x")
     assert engine.stats().free_blocks == total and not engine.has_unfinished()
     assert not engine.abort("x")
+
+
+def test_calls_land_during_a_forward_pass(engine: LLMEngine) -> None:
+    """The lock is free while the model computes: a KV import reserves blocks and an abort is taken at once;
+    the aborted request's blocks (written by that forward) are freed when the step ends, not before."""
+    decode = make_engine(role="decode")
+    prefill = make_engine(role="prefill")
+    for rid in ("a", "b"):
+        prefill.add_request(rid, prefill.tokenizer.encode(PROMPTS[1]), GREEDY)
+    prefill.step()
+    meta_a, meta_b = prefill.kv_export("a").meta, prefill.kv_export("b").meta
+    assert decode.kv_import_begin(meta_a) is not None
+    decode.kv_import_commit("a")
+    total = decode.stats().total_blocks
+
+    entered, resume = threading.Event(), threading.Event()
+    forward = decode.model.forward
+
+    def paused_forward(*args: object, **kwargs: object) -> torch.Tensor:
+        entered.set()
+        assert resume.wait(30), "test did not resume the forward pass"
+        return forward(*args, **kwargs)
+
+    decode.model.forward = paused_forward  # type: ignore[method-assign]
+    outputs: list[list[StepOutput]] = []
+    stepper = threading.Thread(target=lambda: outputs.append(decode.step()))
+    stepper.start()
+    try:
+        assert entered.wait(30)
+        assert decode.kv_import_begin(meta_b) is not None  # would deadlock if the step held the lock
+        decode.kv_import_commit("b")
+        assert decode.abort("a")
+        assert total - decode.stats().free_blocks == meta_a.num_blocks + meta_b.num_blocks  # "a" keeps its blocks
+    finally:
+        resume.set()
+        stepper.join(30)
+    assert outputs == [[]]  # "a" was the batch, and it was aborted
+    assert decode.stats().free_blocks == total - meta_b.num_blocks
+    assert decode.stats().num_running == 1  # "b" joined and decodes from the next step
+    decode.model.forward = forward  # type: ignore[method-assign]
+    assert [o.request_id for o in decode.step()] == ["b"]
 
 
 @pytest.mark.parametrize("prompt, params, message", [
