@@ -120,7 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _gateway(request: Request) -> Gateway:
+async def _gateway(request: Request) -> Gateway:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
     gateway: Gateway = request.app.state.gateway
     return gateway
 
@@ -172,7 +173,7 @@ async def _serve(gw: Gateway, body: s.CompletionRequest | s.ChatCompletionReques
                  max_tokens: int, kind: str, chunk: Callable[..., dict[str, Any]],
                  full: Callable[..., dict[str, Any]]) -> Response:
     assert gw.dispatcher is not None
-    flight = gw.dispatcher.submit(ids, body.sampling(max_tokens), kind)
+    flight = await gw.dispatcher.submit(ids, body.sampling(max_tokens), kind)
     events = gw.dispatcher.stream(flight)
     created = int(flight.arrived)
     headers = {"X-Request-Id": flight.request_id}

@@ -50,6 +50,7 @@ class InFlight:
     finish_reason: str | None = None
     events: asyncio.Queue[p.TokenEvent] = field(default_factory=asyncio.Queue)
     done: bool = False
+    deadline: asyncio.TimerHandle | None = None  # fails the request when request_timeout_s is up
 
 
 class Dispatcher:
@@ -88,7 +89,7 @@ class Dispatcher:
 
     # -- submitting ---------------------------------------------------------------------------------
 
-    def submit(self, prompt_token_ids: list[int], sampling: p.Sampling, kind: str) -> InFlight:
+    async def submit(self, prompt_token_ids: list[int], sampling: p.Sampling, kind: str) -> InFlight:
         """Admit and dispatch a validated request, or raise APIError (503 no workers, 429 full)."""
         role = self.registry.entry_role()
         if role is None:
@@ -106,6 +107,8 @@ class Dispatcher:
                                                                "prompt_tokens": len(prompt_token_ids)})
         flight = InFlight(request_id, len(prompt_token_ids), now, span, instance=worker.instance_id)
         self.inflight[request_id] = flight
+        flight.deadline = asyncio.get_running_loop().call_later(
+            self.settings.gateway.request_timeout_s, self._fail, flight, 504, "request timed out")
         self.metrics.inflight.inc()
         self.metrics.pending.set(self.pending)
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -113,7 +116,9 @@ class Dispatcher:
                           prompt_tokens=len(prompt_token_ids), max_tokens=sampling.max_tokens)
         message = p.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
                                    reply_to=self.inbox, arrived_at=now)
-        asyncio.ensure_future(self._publish(p.Subjects.submit(role, worker.instance_id), message, flight))
+        # Queued in the NATS client now, not from a task a loop iteration later: its flush is the
+        # next thing the loop runs (the Redis state write waits for its coalescing window).
+        await self._publish(p.Subjects.submit(role, worker.instance_id), message, flight)
         return flight
 
     async def _publish(self, subject: str, message: p.Message, flight: InFlight | None = None) -> None:
@@ -130,14 +135,9 @@ class Dispatcher:
 
         Leaving early (the client went away) aborts the request on every worker.
         """
-        deadline = flight.arrived + self.settings.gateway.request_timeout_s
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(flight.events.get(), max(0.0, deadline - time.time()))
-                except TimeoutError:
-                    self._fail(flight, 504, "request timed out")
-                    event = flight.events.get_nowait()
+                event = await flight.events.get()  # the deadline timer ends a request that takes too long
                 if event.error is not None:
                     raise APIError(event.status if event.status >= 400 else 500, event.error)
                 yield event
@@ -253,6 +253,8 @@ class Dispatcher:
             return
         flight.done = True
         flight.finished_at = now = time.time()
+        if flight.deadline is not None:
+            flight.deadline.cancel()
         self.inflight.pop(flight.request_id, None)
         m = self.metrics
         m.inflight.dec()

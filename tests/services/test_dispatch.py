@@ -36,10 +36,10 @@ async def test_full_admission_queue_is_429_with_retry_after(nats_client: NATS) -
     dispatcher.registry.update(_worker("p", "prefill"))
     dispatcher.registry.update(_worker("d", "decode"))
     sampling = p.Sampling(max_tokens=4)
-    dispatcher.submit([1, 2, 3], sampling, "cmpl")
-    dispatcher.submit([1, 2, 3], sampling, "cmpl")
+    await dispatcher.submit([1, 2, 3], sampling, "cmpl")
+    await dispatcher.submit([1, 2, 3], sampling, "cmpl")
     with pytest.raises(APIError) as excinfo:
-        dispatcher.submit([1, 2, 3], sampling, "cmpl")
+        await dispatcher.submit([1, 2, 3], sampling, "cmpl")
     assert excinfo.value.status == 429 and excinfo.value.headers == {"Retry-After": "3"}
     await dispatcher.close()
 
@@ -55,7 +55,7 @@ async def test_requests_go_to_the_least_loaded_prefill_worker(nats_client: NATS)
         received.append(p.decode(p.PrefillRequest, msg.data).request_id)  # type: ignore[attr-defined]
 
     await nats_client.subscribe(p.Subjects.submit("prefill", "idle"), cb=on_submit)
-    flight = dispatcher.submit(list(range(100)), p.Sampling(), "cmpl")
+    flight = await dispatcher.submit(list(range(100)), p.Sampling(), "cmpl")
     await nats_client.flush()
     for _ in range(50):
         if received:
@@ -70,11 +70,23 @@ async def test_a_silent_worker_fails_its_requests_instead_of_hanging(nats_client
     await dispatcher.start()
     dispatcher.registry.update(_worker("p", "prefill"))
     dispatcher.registry.update(_worker("d", "decode"))
-    flight = dispatcher.submit([1, 2, 3], p.Sampling(), "cmpl")  # nobody answers, no more heartbeats
+    flight = await dispatcher.submit([1, 2, 3], p.Sampling(), "cmpl")  # nobody answers, no more heartbeats
     started = time.monotonic()
     with pytest.raises(APIError) as excinfo:
         async for _ in dispatcher.stream(flight):
             pass
     assert excinfo.value.status == 503 and "gone" in excinfo.value.message
     assert time.monotonic() - started < 10
+    await dispatcher.close()
+
+
+async def test_a_request_past_its_timeout_ends_with_504(nats_client: NATS) -> None:
+    dispatcher = _dispatcher(nats_client, request_timeout_s=0.2)
+    dispatcher.registry.update(_worker("p", "prefill"))
+    dispatcher.registry.update(_worker("d", "decode"))
+    flight = await dispatcher.submit([1, 2, 3], p.Sampling(), "cmpl")  # the worker stays alive but never answers
+    with pytest.raises(APIError) as excinfo:
+        async for _ in dispatcher.stream(flight):
+            pass
+    assert excinfo.value.status == 504 and flight.done and not dispatcher.inflight
     await dispatcher.close()
