@@ -16,7 +16,7 @@ import nats
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +25,7 @@ from services.gateway.dispatch import Dispatcher, InFlight
 from services.gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
+from services.gateway.sse import EventStreamResponse
 from shared.config import Settings
 from shared.engine.model_files import model_display_name
 from shared.engine.tokenizer import Tokenizer, load_tokenizer
@@ -185,8 +186,8 @@ async def _serve(gw: Gateway, body: s.CompletionRequest | s.ChatCompletionReques
         except APIError:
             await events.aclose()
             raise
-        return StreamingResponse(_sse(flight, first, events, body, created, chunk), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **headers})
+        return EventStreamResponse(_sse(flight, first, events, body, created, chunk),
+                                   headers={"Cache-Control": "no-cache", **headers})
     text = [event.text async for event in events]
     return JSONResponse(full(flight.request_id, body.model, created, "".join(text), flight.finish_reason,
                              flight.prompt_tokens, flight.output_tokens), headers=headers)
@@ -197,16 +198,19 @@ async def _sse(flight: InFlight, first: TokenEvent, events: AsyncGenerator[Token
                chunk: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
     """Server-sent events; a client that disconnects closes this generator, which aborts the request."""
     rid, model = flight.request_id, body.model
-    if isinstance(body, s.ChatCompletionRequest):
-        yield _data(s.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+    # A chat stream opens with the assistant's role; it shares the first token's write (one chunk, not two).
+    head = _data(s.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)) \
+        if isinstance(body, s.ChatCompletionRequest) else ""
     try:
         event: TokenEvent | None = first
         while event is not None:
             if event.text or event.finished:
-                yield _data(chunk(rid, model, created, event.text, event.finish_reason if event.finished else None))
+                yield head + _data(chunk(rid, model, created, event.text,
+                                         event.finish_reason if event.finished else None))
+                head = ""
             event = await anext(events, None)
     except APIError as exc:  # headers are sent: a later failure travels as an error event
-        yield _data(exc.body())
+        yield head + _data(exc.body())
         yield "data: [DONE]\n\n"
         return
     finally:
