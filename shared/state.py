@@ -1,8 +1,11 @@
 """Request state in Redis: one hash per request (status, phase timestamps, instances, token counts).
 
 Every service writes the fields of the phases it runs. Writes go through `StateWriter`, which
-buffers them (bounded) and flushes in pipelined batches from a background task: a Redis round trip
-never sits on the token path, and a slow or absent Redis costs dropped state, not latency.
+buffers them (bounded) and flushes in pipelined batches from a background task, a few milliseconds
+after the first write of a batch: a Redis round trip never sits on the token path (nor does building
+the pipeline, which would otherwise run in the very next loop iteration, ahead of the NATS publish
+or the token send that the same event started), and a slow or absent Redis costs dropped state, not
+latency.
 
 Timestamps are wall-clock seconds (time.time()); `distserve requests show ID` prints the timeline.
 """
@@ -48,11 +51,12 @@ class StateWriter:
     """Fire-and-forget, batched writes of request fields; `update` never blocks."""
 
     def __init__(self, client: aioredis.Redis | None, ttl_s: int, max_buffer: int = 50_000,
-                 max_batch: int = 512) -> None:
+                 max_batch: int = 512, window_s: float = 0.01) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.max_buffer = max_buffer
         self.max_batch = max_batch
+        self.window_s = window_s  # writes within this long of a batch's first one are flushed with it
         self.pending: dict[str, dict[str, Any]] = {}  # merged per request until the next flush
         self.dropped = 0
         self.written = 0
@@ -90,6 +94,7 @@ class StateWriter:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(self.window_s)
             self._wake.clear()
             try:
                 await self._flush()
