@@ -69,15 +69,12 @@ class PrefillWorker(Worker):
         assert self.transport is not None
         exports: dict[str, KVExport] = result.extra or {}
         events: list[tuple[str, p.TokenEvent]] = []
+        served: list[tuple[StepOutput, PrefillTracked]] = []
         for out in result.outputs:
             tracked: PrefillTracked | None = self.requests.get(out.request_id)
             if tracked is None:  # aborted meanwhile: the engine freed (or frees) its KV
                 continue
-            self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended)
-            self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)
-            self.tracing.record("prefill compute", result.started, result.ended, tracked.trace,
-                                {"instance": self.instance_id, "prompt_tokens": out.num_prompt_tokens,
-                                 "batch_size": len(result.outputs)})
+            served.append((out, tracked))
             export = exports.get(out.request_id)
             if out.finished or export is None:
                 self.requests.pop(out.request_id, None)
@@ -89,7 +86,13 @@ class PrefillWorker(Worker):
                                 address=self.transport.address, transfer_id=out.request_id, nbytes=export.nbytes,
                                 meta=export.meta.model_dump(mode="json"))
             events.append((tracked.reply_to, self.event(out, kv=handle)))
-        await self.send_events(events)
+        await self.send_events(events)  # the first tokens leave before the bookkeeping below
+        for out, tracked in served:
+            self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended)
+            self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)
+            self.tracing.record("prefill compute", result.started, result.ended, tracked.trace,
+                                {"instance": self.instance_id, "prompt_tokens": out.num_prompt_tokens,
+                                 "batch_size": len(result.outputs)})
 
     async def _on_release(self, msg: Msg) -> None:
         release = self.parse(p.KVRelease, msg)
