@@ -43,6 +43,9 @@ class EngineSettings(_Section):
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: share of the cores")
     chunked_prefill: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the gateway imports these settings without torch, so the choices are spelled out (shared.engine.config.Weights)
+    weights: Literal["native", "fp16", "int8"] = Field(default="native",
+                                                       description="linear weights: native (dtype), fp16 or int8")
 
 
 class GatewaySettings(_Section):
@@ -157,6 +160,7 @@ ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-num-seqs": ("max_num_seqs", int, "decode batch cap"),
     "--kv-cache-gib": ("kv_cache_memory_gib", float, "KV pool size in GiB"),
     "--threads": ("num_threads", int, "torch threads"),
+    "--weights": ("weights", str, "linear weights: native (fp32) | fp16 (faster decode on CPU) | int8"),
 }
 
 

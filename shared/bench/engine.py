@@ -24,11 +24,15 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.argtypes import positive_int, positive_ints
-from shared.engine.config import EngineConfig
+from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine
+from shared.engine.quant import Fp16Linear
 from shared.engine.sequence import SamplingParams
 
-VARIANTS = ("fp32", "bf16", "int8")  # float32 weights, bfloat16 weights and KV, weight-only int8
+# float32 weights; fp16 (FBGEMM) or weight-only int8 linear layers (shared/engine/quant.py); bfloat16
+# weights and KV
+VARIANTS = ("fp32", "fp16", "int8", "bf16")
+WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8", "bf16": "native"}
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,15 @@ def measure_machine(warmup: int, repeat: int, copy_mib: int, gemm_n: int) -> Mac
 
 def decode_weight_bytes(engine: LLMEngine) -> int:
     """Bytes one decode step must read: every weight except the embedding table and RoPE tables, of
-    which only a few rows are touched (a tied LM head is counted, through lm_head)."""
+    which only a few rows are touched (a tied LM head is counted, through lm_head); packed weights
+    (quant.py) at their packed size."""
     seen: set[int] = set()
     total = 0
     for name, module in engine.model.named_modules():
         if name in ("embed_tokens", "rotary"):
             continue
+        if isinstance(module, Fp16Linear):
+            total += module.weight_nbytes
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -149,7 +156,7 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console
                   ) -> tuple[list[PrefillResult], list[DecodeResult], int]:
     max_batch = max(args.decode_batches)
     tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weight_int8=variant == "int8",
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=WEIGHTS[variant],
                                     dtype="bfloat16" if variant == "bf16" else "float32",
                                     max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
                                     kv_cache_memory_gib=args.kv_gib))
@@ -218,7 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="as for `distserve generate` (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
     p.add_argument("--variants", type=variant_list, default=["fp32"],
-                   help="comma-separated, run one after the other: fp32, bf16, int8 (weight-only); default fp32")
+                   help="comma-separated, run one after the other: " + ", ".join(VARIANTS) + "; default fp32")
     p.add_argument("--int8", dest="variants", action="store_const", const=["int8"], help="same as --variants int8")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default %(default)s)")

@@ -6,12 +6,12 @@ import argparse
 import itertools
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, TextIO, get_args
 
 from pydantic import ValidationError
 
 from shared.argtypes import positive_int
-from shared.engine.config import EngineConfig
+from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine, StepOutput
 from shared.engine.sequence import SamplingParams
 
@@ -20,7 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file, "
                    "a Hugging Face directory or 'random:<preset or JSON>' (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
-    p.add_argument("--int8", action="store_true", help="weight-only int8 linear layers")
+    p.add_argument("--weights", choices=get_args(Weights), default="native",
+                   help="linear weights: native fp32, or packed fp16 / int8 (faster on CPU; default %(default)s)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -61,7 +62,7 @@ def error_text(e: Exception) -> str:
 def build(args: argparse.Namespace) -> tuple[LLMEngine, SamplingParams]:
     """Validate the sampling flags first: a typo should not cost a model load."""
     params = sampling_from_args(args)
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weight_int8=args.int8,
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=args.weights,
                                     max_num_seqs=1, kv_cache_memory_gib=0.25))
     return engine, params
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["prefill", "decode", "colocated"]
+Weights = Literal["native", "fp16", "int8"]  # linear weights: in the engine's dtype, or fp16 / int8 (quant.py)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
     chunked_prefill: bool = False  # colocated only: Sarathi-style prefill chunks mixed with decodes
     dtype: Literal["float32", "bfloat16"] = "float32"
-    weight_int8: bool = False  # weight-only int8 linear layers
+    weights: Weights = "native"  # linear layers: in `dtype`, or fp16 / int8 weights (quant.py; float32 only)
     seed: int = 0  # random-model initialisation
 
     def __post_init__(self) -> None:
@@ -68,5 +69,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError("kv_cache_memory_gib must be > 0")
+        if self.weights not in ("native", "fp16", "int8"):
+            raise ValueError(f"weights must be native, fp16 or int8, not {self.weights!r}")
+        if self.weights != "native" and self.dtype != "float32":
+            raise ValueError(f"weights={self.weights} runs with float32 activations (dtype float32)")
         if self.chunked_prefill and self.role != "colocated":
             raise ValueError("chunked_prefill applies to the colocated role only")

@@ -20,7 +20,7 @@ from shared.engine.kv_cache import BlockManager, KVCache
 from shared.engine.loader import load_model
 from shared.engine.model import ForwardBatch, PrefillSpan
 from shared.engine.model_files import model_display_name
-from shared.engine.quant import quantize_int8_
+from shared.engine.quant import convert_linears_
 from shared.engine.sampler import sample
 from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import SamplingParams, Sequence, Status
@@ -88,8 +88,8 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         dtype = DTYPES[config.dtype]
         self.model = load_model(config.model, dtype=dtype, seed=config.seed)
-        if config.weight_int8:
-            quantize_int8_(self.model)
+        if config.weights != "native":
+            convert_linears_(self.model, config.weights)
         self.model_config: ModelConfig = self.model.config
         self.tokenizer: Tokenizer = load_tokenizer("default" if config.model.startswith("random:") else config.model)
         self.model_name = model_display_name(config.model)
