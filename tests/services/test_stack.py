@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from services.launcher import Stack
+from shared.config import EngineSettings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.servers import NatsServer, RedisServer, process_alive
 from tests.services.conftest import start_stack
@@ -77,7 +78,7 @@ def test_streaming_chat_and_completion(stack: Stack) -> None:
 
 
 def test_greedy_output_matches_the_engine_in_process(stack: Stack) -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated"))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated", weights=EngineSettings().weights))
     prompts = [PROMPT, "def fibonacci(n):", "Write a haiku about the sea."]
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), engine.tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0,
