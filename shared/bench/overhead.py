@@ -8,24 +8,28 @@ The baseline is that engine time, measured in the same run on the same requests:
   per-token overhead = (client decode time - decode step time) / (output tokens - 1)
                        (the KV transfer, NATS hops and SSE, spread over the decoded tokens)
 
-The client is the standard library's http.client on one keep-alive connection, run in a thread:
-it writes a request in one send and reads the event stream line by line. httpx's async client
-costs about 2 ms per request on this 2-core machine (most of it before the request's first byte
-leaves), which would be counted as service overhead.
+The client is kept thin, since its own time counts as overhead: one keep-alive connection, each
+request written in one send, the response parsed by httptools (uvicorn's C parser, chunked encoding
+included) and the event stream scanned as it arrives; the first token is stamped when the first
+event with a choice has been read and parsed. It runs in a thread (blocking socket). On this 2-core
+machine, against a server that answers at once, it reaches the first event about 0.5 ms sooner than
+the standard library's http.client (whose header parsing is pure Python) and about 2 ms sooner than
+httpx's async client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import random
+import socket
 import statistics
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httptools
 import httpx
 import redis.asyncio as aioredis
 from rich.console import Console
@@ -63,31 +67,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def one_request(conn: http.client.HTTPConnection, body: dict[str, object]) -> tuple[str, float, float, float]:
-    """(request id, sent, first token, end) in perf_counter seconds."""
+class _Response:
+    """httptools callbacks for one response: its headers, and its body as it arrives."""
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def one_request(sock: socket.socket, body: dict[str, object]) -> tuple[str, float, float, float]:
+    """(request id, sent, first token, end) in perf_counter seconds, on a keep-alive connection."""
     payload = json.dumps(body).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
+    response = _Response()
+    parser = httptools.HttpResponseParser(response)
+    scanned = 0  # the body up to here is scanned for the first event
     sent = time.perf_counter()
     first = 0.0
-    conn.request("POST", "/v1/completions", body=payload, headers={"Content-Type": "application/json"})
-    response = conn.getresponse()
-    if response.status != 200:
-        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
-    while line := response.readline():
-        if line.startswith(b"data: {") and not first and json.loads(line[6:])["choices"]:
-            first = time.perf_counter()
-    return response.headers["x-request-id"], sent, first, time.perf_counter()
+    sock.sendall(request)
+    while not response.complete:
+        data = sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError("the gateway closed the connection mid-response")
+        parser.feed_data(data)
+        while not first and (end := response.body.find(b"\n", scanned)) >= 0:
+            line = bytes(response.body[scanned:end])
+            scanned = end + 1
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"]:
+                first = time.perf_counter()
+    if parser.get_status_code() != 200:
+        raise RuntimeError(f"HTTP {parser.get_status_code()}: {bytes(response.body[:200])!r}")
+    return response.headers[b"x-request-id"].decode(), sent, first, time.perf_counter()
 
 
 async def measure(url: str, redis_url: str, model: str, prompts: list[str], output_tokens: int) -> list[Sample]:
     samples = []
     redis = aioredis.from_url(redis_url)
     address = urlsplit(url)
-    conn = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=600)
+    sock = socket.create_connection((address.hostname or "127.0.0.1", address.port or 80), timeout=600)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         for prompt in prompts:
             body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True}
-            rid, sent, first, end = await asyncio.to_thread(one_request, conn, body)
+            rid, sent, first, end = await asyncio.to_thread(one_request, sock, body)
             state: dict[str, str] = {}
             for _ in range(100):  # the workers' state writes are batched: wait for the last one
                 state = await read_request(redis, rid) or {}
@@ -97,7 +131,7 @@ async def measure(url: str, redis_url: str, model: str, prompts: list[str], outp
             samples.append(Sample(first - sent, float(state["prefill_end"]) - float(state["prefill_start"]),
                                   end - first, float(state["decode_compute_s"]), output_tokens))
     finally:
-        conn.close()
+        sock.close()
         await redis.aclose()
     return samples
 
