@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import nats
 import redis.asyncio as aioredis
@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import schemas as s
@@ -34,6 +35,8 @@ from shared.state import StateWriter
 from shared.telemetry import Tracing
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=BaseModel)
 
 
 class Gateway:
@@ -121,13 +124,34 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-async def _gateway(request: Request) -> Gateway:
-    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
+def _gateway_of(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
 
 
+async def _gateway(request: Request) -> Gateway:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every request
+    return _gateway_of(request)
+
+
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+async def _parse(request: Request, model: type[B]) -> B:
+    """The request body, parsed and validated in one pass by pydantic's JSON parser.
+
+    As a declared body parameter, FastAPI would json.loads it and then validate the objects (a second
+    walk over the prompt) through its dependency machinery: about 0.2 ms more per request here.
+    """
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI description of a body that the route parses itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _routes(app: FastAPI) -> None:
@@ -146,15 +170,17 @@ def _routes(app: FastAPI) -> None:
     async def models(gw: GatewayDep) -> dict[str, Any]:
         return s.models_response(sorted({gw.model_name, *gw.registry.model_names()}))
 
-    @app.post("/v1/completions")
-    async def completions(body: s.CompletionRequest, gw: GatewayDep) -> Response:
+    @app.post("/v1/completions", openapi_extra=_json_body(s.CompletionRequest))
+    async def completions(request: Request) -> Response:
+        gw, body = _gateway_of(request), await _parse(request, s.CompletionRequest)
         gw.check_model(body.model)
         ids = gw.tokenize(body.prompt)  # type: ignore[arg-type]  # the validator left one prompt
         max_tokens = gw.budget(len(ids), body.max_tokens)
         return await _serve(gw, body, ids, max_tokens, "cmpl", s.completion_chunk, s.completion_response)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: s.ChatCompletionRequest, gw: GatewayDep) -> Response:
+    @app.post("/v1/chat/completions", openapi_extra=_json_body(s.ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        gw, body = _gateway_of(request), await _parse(request, s.ChatCompletionRequest)
         gw.check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
