@@ -7,6 +7,8 @@ The baseline is that engine time, measured in the same run on the same requests:
   TTFT overhead      = client TTFT - prefill step time   (queueing, NATS, tokenization, HTTP)
   per-token overhead = (client decode time - decode step time) / (output tokens - 1)
                        (the KV transfer, NATS hops and SSE, spread over the decoded tokens)
+A second table splits the TTFT overhead hop by hop (PHASES), from the same request's Redis timeline
+and the client's stamps (one wall clock: every process runs on this machine).
 
 The client is kept thin, since its own time counts as overhead: one keep-alive connection, each
 request written in one send, the response parsed by httptools (uvicorn's C parser, chunked encoding
@@ -40,6 +42,15 @@ from shared.engine.tokenizer import load_tokenizer
 from shared.servers import free_port
 from shared.state import read_request
 
+# The TTFT overhead hop by hop: (label, from, to), timeline fields plus the client's "sent" and "first".
+PHASES = (
+    ("client -> gateway accepted (HTTP, validation, tokenizing)", "sent", "arrived"),
+    ("-> prefill worker queued it (NATS)", "arrived", "queued"),
+    ("-> engine step starts", "queued", "prefill_start"),
+    ("step ends -> gateway has the first token (KV export, NATS)", "prefill_end", "first_token"),
+    ("-> client has it (SSE)", "first_token", "first"),
+)
+
 
 @dataclass
 class Sample:
@@ -48,6 +59,7 @@ class Sample:
     decode_s: float  # client side: first token to last
     decode_compute_s: float
     output_tokens: int
+    phases: tuple[float, ...]  # seconds in each of PHASES
 
     @property
     def ttft_overhead(self) -> float:
@@ -85,14 +97,15 @@ class _Response:
         self.complete = True
 
 
-def one_request(sock: socket.socket, body: dict[str, object]) -> tuple[str, float, float, float]:
-    """(request id, sent, first token, end) in perf_counter seconds, on a keep-alive connection."""
+def one_request(sock: socket.socket, body: dict[str, object]) -> tuple[str, float, float, float, float]:
+    """(request id, sent, first token, end, wall clock - perf_counter), in seconds, on a keep-alive connection."""
     payload = json.dumps(body).encode()
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
     response = _Response()
     parser = httptools.HttpResponseParser(response)
     scanned = 0  # the body up to here is scanned for the first event
+    wall = time.time() - time.perf_counter()
     sent = time.perf_counter()
     first = 0.0
     sock.sendall(request)
@@ -108,7 +121,7 @@ def one_request(sock: socket.socket, body: dict[str, object]) -> tuple[str, floa
                 first = time.perf_counter()
     if parser.get_status_code() != 200:
         raise RuntimeError(f"HTTP {parser.get_status_code()}: {bytes(response.body[:200])!r}")
-    return response.headers[b"x-request-id"].decode(), sent, first, time.perf_counter()
+    return response.headers[b"x-request-id"].decode(), sent, first, time.perf_counter(), wall
 
 
 async def measure(url: str, redis_url: str, model: str, prompts: list[str], output_tokens: int) -> list[Sample]:
@@ -121,15 +134,18 @@ async def measure(url: str, redis_url: str, model: str, prompts: list[str], outp
         for prompt in prompts:
             body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True}
-            rid, sent, first, end = await asyncio.to_thread(one_request, sock, body)
+            rid, sent, first, end, wall = await asyncio.to_thread(one_request, sock, body)
             state: dict[str, str] = {}
             for _ in range(100):  # the workers' state writes are batched: wait for the last one
                 state = await read_request(redis, rid) or {}
                 if "decode_compute_s" in state and "prefill_end" in state:
                     break
                 await asyncio.sleep(0.02)
+            times = {"sent": sent + wall, "first": first + wall,
+                     **{field: float(state[field]) for _, a, b in PHASES for field in (a, b) if field in state}}
             samples.append(Sample(first - sent, float(state["prefill_end"]) - float(state["prefill_start"]),
-                                  end - first, float(state["decode_compute_s"]), output_tokens))
+                                  end - first, float(state["decode_compute_s"]), output_tokens,
+                                  tuple(times[b] - times[a] for _, a, b in PHASES)))
     finally:
         sock.close()
         await redis.aclose()
@@ -184,5 +200,14 @@ def run(args: argparse.Namespace) -> int:
                       f"{pct(ttft_over, 0.5) * 1e3:.2f} / {pct(ttft_over, 0.99) * 1e3:.2f}",
                       f"{statistics.median(tpot) * 1e3:.2f}", f"{statistics.median(step) * 1e3:.2f}",
                       f"{pct(token_over, 0.5) * 1e3:.3f} / {pct(token_over, 0.99) * 1e3:.3f}")
-    Console(width=150).print(table)
+    console = Console(width=150)
+    console.print(table)
+    phases = Table(title="where the TTFT overhead goes, hop by hop (ms p50; the p50s need not add up to the total's)")
+    phases.add_column("prompt tokens", justify="right")
+    for label, _, _ in PHASES:
+        phases.add_column(label, justify="right")
+    for n, got in results.items():
+        phases.add_row(str(n), *(f"{statistics.median(s.phases[i] for s in got) * 1e3:.2f}"
+                                 for i in range(len(PHASES))))
+    console.print(phases)
     return 0
