@@ -4,9 +4,9 @@
   kernel library for CPU inference, whose small-batch kernels widen them to fp32 in registers
   (F16C); activations and sums stay fp32. Half the bytes, and much faster than MKL's fp32 GEMM on
   the few rows of a decode step, which MKL serves poorly on this AVX2 CPU (8 rows cost 2.6x one
-  row). Logits stay within about 1e-3 of fp32 (tests/engine/test_weights.py). Measured on the 2-core
-  machine, all of SmolLM2-135M's linear layers on 1 thread: fp32 62 / 160 / 369 ms at 1 / 8 / 32
-  rows, fp16 30 / 65 / 213 ms (docs/performance.md).
+  row). Logits stay within 2e-3 of fp32 relative to their range (tests/engine/test_weights.py).
+  Whole decode steps of SmolLM2-135M on 1 thread of the 2-core machine: fp32 80 / 180 / 248 ms at
+  batch 1 / 8 / 16, fp16 46 / 86 / 162 ms (`distserve bench engine`, docs/performance.md).
 - "int8" (`Int8Linear`): weight-only int8, one float scale per output row, activations in floating
   point (torch's `_weight_int8pack_mm`). That kernel costs about as much per row as for one row on
   AVX2 (8 rows cost 8x), so inputs of more rows dequantize the weight and run one float GEMM; kept as
