@@ -48,6 +48,13 @@ class EngineSettings(_Section):
     weights: Literal["native", "fp16", "int8"] = Field(default="fp16",
                                                        description="linear weights: native (dtype), fp16 or int8")
 
+    @model_validator(mode="after")
+    def _weights_need_float32(self) -> EngineSettings:
+        if self.weights != "native" and self.dtype != "float32":
+            raise ValueError(f"weights={self.weights} runs with float32 activations: set weights=native for "
+                             f"dtype={self.dtype}")
+        return self
+
 
 class GatewaySettings(_Section):
     host: str = "127.0.0.1"
