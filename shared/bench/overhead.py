@@ -8,7 +8,8 @@ The baseline is that engine time, measured in the same run on the same requests:
   per-token overhead = (client decode time - decode step time) / (output tokens - 1)
                        (the KV transfer, NATS hops and SSE, spread over the decoded tokens)
 A second table splits the TTFT overhead hop by hop (PHASES), from the same request's Redis timeline
-and the client's stamps (one wall clock: every process runs on this machine).
+and the client's stamps (one wall clock: every process runs on this machine). A third table times
+the gateway's tokenizer on fresh prompts of the same lengths, back to back and after an idle gap.
 
 The client is kept thin, since its own time counts as overhead: one keep-alive connection, each
 request written in one send, the response parsed by httptools (uvicorn's C parser, chunked encoding
@@ -38,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import load_settings
-from shared.engine.tokenizer import load_tokenizer
+from shared.engine.tokenizer import Tokenizer, load_tokenizer
 from shared.servers import free_port
 from shared.state import read_request
 
@@ -210,4 +211,29 @@ def run(args: argparse.Namespace) -> int:
         phases.add_row(str(n), *(f"{statistics.median(s.phases[i] for s in got) * 1e3:.2f}"
                                  for i in range(len(PHASES))))
     console.print(phases)
+    console.print(tokenizing_table(tokenizer, args.prompt_tokens, args.repeat))
     return 0
+
+
+def tokenizing_table(tokenizer: Tokenizer, lengths: list[int], repeat: int) -> Table:
+    """What the gateway's tokenizing costs, back to back and after an idle gap (as a request meets it).
+
+    Fresh prompts each time (the BPE cache is cold for them, as for a new request's words)."""
+    rng = random.Random(1)
+    table = Table(title="tokenizing one prompt (ms p50), fresh prompts, in this process")
+    for column in ("prompt tokens", "back to back", "after 10 ms idle"):
+        table.add_column(column, justify="right")
+    for n in lengths:
+        row = [str(n)]
+        for gap in (0.0, 0.01):
+            times = []
+            for _ in range(repeat):
+                prompt = tokenizer.decode(random_prompt(tokenizer.vocab_size, n, rng))
+                if gap:
+                    time.sleep(gap)  # the core idles: its caches and clock are what a request finds
+                start = time.perf_counter()
+                tokenizer.encode(prompt)
+                times.append(time.perf_counter() - start)
+            row.append(f"{statistics.median(times) * 1e3:.2f}")
+        table.add_row(*row)
+    return table
