@@ -223,7 +223,7 @@ class Worker(ABC):
         for reply_to, batch in by_inbox.items():
             await self.publish(reply_to, p.TokenBatch(instance_id=self.instance_id, events=batch))
         # The NATS client writes from its flusher task: let it run now, before the caller's bookkeeping
-        # (measured: 0.1-0.3 ms sooner at the gateway for a first token).
+        # (a first token reached the gateway about 0.1 ms sooner in an instrumented run).
         await asyncio.sleep(0)
 
     async def send_error(self, reply_to: str, request_id: str, message: str, status: int) -> None:
