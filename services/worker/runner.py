@@ -3,9 +3,9 @@
 A call never makes the event loop wait for the engine's lock: `call` runs it inline when the lock is
 free and no earlier call is pending (the common case; a thread hand-off cost an idle worker's TTFT
 about 0.2 ms), else on a second, single thread, in the order the calls were made. The engine holds
-its lock only around scheduling and output processing, not the forward pass, so an add, abort, release or KV
-import lands within milliseconds even while a long step computes, and the step loop picks it up at
-its next iteration. Step outputs come back through `call_soon_threadsafe`. NATS traffic, token
+its lock only around scheduling and output processing, not the forward pass, so an add, abort,
+release or KV import lands within milliseconds even while a long step computes, and the step loop
+picks it up at its next iteration. Step outputs come back through `call_soon_threadsafe`. NATS traffic, token
 streaming and KV transfers keep flowing while the model computes (torch releases the GIL).
 """
 
