@@ -206,12 +206,14 @@ def run_simulate(args: argparse.Namespace) -> int:
                     Limits(prefill_token_budget=args.prefill_budget, max_batch=args.max_batch))
     table = Table(title=f"{args.deployment}: SLO attainment measured vs simulated with {model.hardware} profile "
                         f"(TTFT {args.ttft:g} s, TPOT {args.tpot:g} s)")
-    for column in ("rate", "requests", "measured", "simulated", "error (pp)"):
+    for column in ("rate", "requests", "measured", "simulated", "error (pp)", "TTFT p50 ms measured / simulated",
+                   "TPOT p50 ms measured / simulated"):
         table.add_column(column, justify="right")
     for point in points:
         table.add_row(f"{point.rate:g}", str(point.requests), f"{point.measured:.1%}", f"{point.predicted:.1%}",
-                      f"{point.error_pp:+.1f}")
-    Console(width=120).print(table)
+                      f"{point.error_pp:+.1f}", f"{point.measured_ttft * 1e3:.0f} / {point.predicted_ttft * 1e3:.0f}",
+                      f"{point.measured_tpot * 1e3:.0f} / {point.predicted_tpot * 1e3:.0f}")
+    Console(width=140).print(table)
     worst = max(abs(point.error_pp) for point in points)
     print(f"largest difference: {worst:.1f} percentage points")
     return 0

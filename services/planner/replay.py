@@ -30,6 +30,11 @@ class RatePoint:
     requests: int
     measured: float  # SLO attainment, 0..1
     predicted: float
+    # p50 latencies (seconds, nan if none), to show which phase a difference in attainment comes from
+    measured_ttft: float = math.nan
+    predicted_ttft: float = math.nan
+    measured_tpot: float = math.nan
+    predicted_tpot: float = math.nan
 
     @property
     def error_pp(self) -> float:
@@ -67,10 +72,17 @@ def trace_of(rows: Sequence[Mapping[str, Any]]) -> Trace:
     return Trace(arrivals, inputs, outputs)
 
 
+def _p50(values: Sequence[float | None] | np.ndarray) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(finite)) if finite else math.nan
+
+
 def replay(runs: Mapping[float, Sequence[Mapping[str, Any]]], deployment: Deployment, model: LatencyModel,
            slo: SLO, limits: Limits) -> list[RatePoint]:
     points = []
     for rate, rows in sorted(runs.items()):
         result = simulate(deployment, model, trace_of(rows), limits=limits, slo=slo)
-        points.append(RatePoint(rate, len(rows), measured_attainment(rows, slo), result.attainment(slo)))
+        points.append(RatePoint(rate, len(rows), measured_attainment(rows, slo), result.attainment(slo),
+                                _p50([r["ttft"] for r in rows]), _p50(result.ttft),
+                                _p50([r["tpot"] for r in rows]), _p50(result.tpot)))
     return points

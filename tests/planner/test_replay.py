@@ -39,6 +39,8 @@ def test_a_run_the_model_produced_is_predicted_exactly(tmp_path: Path) -> None:
     assert [p.rate for p in points] == [20.0, 60.0]
     for point in points:
         assert point.predicted == pytest.approx(point.measured) and point.requests == 200
+        assert point.measured_ttft > 0 and point.predicted_ttft == pytest.approx(point.measured_ttft)
+        assert point.measured_tpot > 0 and point.predicted_tpot == pytest.approx(point.measured_tpot)
     assert points[1].measured < points[0].measured  # the load shows: the check is not vacuous
 
 
