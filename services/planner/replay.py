@@ -81,8 +81,9 @@ def replay(runs: Mapping[float, Sequence[Mapping[str, Any]]], deployment: Deploy
            slo: SLO, limits: Limits) -> list[RatePoint]:
     points = []
     for rate, rows in sorted(runs.items()):
-        result = simulate(deployment, model, trace_of(rows), limits=limits, slo=slo)
+        trace = trace_of(rows)
+        result = simulate(deployment, model, trace, limits=limits, slo=slo)
         points.append(RatePoint(rate, len(rows), measured_attainment(rows, slo), result.attainment(slo),
                                 _p50([r["ttft"] for r in rows]), _p50(result.ttft),
-                                _p50([r["tpot"] for r in rows]), _p50(result.tpot)))
+                                _p50([r["tpot"] for r in rows]), _p50(result.tpot[trace.outputs > 1])))
     return points
