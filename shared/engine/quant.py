@@ -13,13 +13,19 @@
   the measured option, it does not pay here. FBGEMM's dynamic int8 (activations quantized too) is
   fast but moved the top-1 token at half of the positions of a test text: not offered.
 
+FBGEMM's packed weight is an opaque TorchScript object, which torch.compile cannot take as an op
+argument. Compiled graphs (shared/engine/compiled.py) call the op `distserve::fp16_linear` instead,
+which names the layer by an int key into a table of live `Fp16Linear`s.
+
 torch 2.13 marks FBGEMM's fp16 entry points deprecated (in favour of torchao, which has no AVX2
 kernel for this); the project pins torch 2.13, and the warning is silenced where it is raised.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -29,9 +35,30 @@ from torch.nn import functional as F
 KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
 
 
+_fp16_linears: weakref.WeakValueDictionary[int, Fp16Linear] = weakref.WeakValueDictionary()
+_fp16_keys = itertools.count()
+
+_lib = torch.library.Library("distserve", "DEF")  # a plain Library op: less Python per call than custom_op
+_lib.define("fp16_linear(Tensor x, int key, int out_features) -> Tensor")
+
+
+def _fp16_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x, _fp16_linears[key].packed)
+
+
+def _fp16_linear_fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+_lib.impl("fp16_linear", _fp16_linear, "CPU")
+torch.library.register_fake("distserve::fp16_linear", _fp16_linear_fake, lib=_lib)
+
+
 class Fp16Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        self.key = next(_fp16_keys)
+        _fp16_linears[self.key] = self
         w = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():
@@ -41,7 +68,11 @@ class Fp16Linear(nn.Module):
         self.weight_nbytes = 2 * w.numel()  # what a step reads (the packed weight is not a tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.packed)
+        rows = x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():
+            y = torch.ops.distserve.fp16_linear(rows, self.key, self.out_features)
+        else:  # eager: straight to the kernel, no hop through the dispatcher and Python
+            y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
