@@ -21,6 +21,9 @@ class KVCache:
         self.num_blocks = num_blocks
         self.data = torch.zeros(num_blocks, config.num_layers, 2, block_size, config.num_kv_heads,
                                 config.head_dim, dtype=dtype)
+        # Index tensors for `write`, which indexes self.data itself: a compiled graph can update the cache
+        # in place only if the op mutates the graph input, not a view of it.
+        self._layer_ids = [torch.tensor(layer) for layer in range(config.num_layers)]
         self._kv_slots = torch.tensor([[0, 1]])  # [1, 2]: K and V
 
     @staticmethod
@@ -37,7 +40,8 @@ class KVCache:
 
     def write(self, layer: int, index: tuple[torch.Tensor, ...], kv: torch.Tensor) -> None:
         """Store kv [T, 2 (K, V), kv_heads, head_dim] of one layer at the slots of `index` (write_index)."""
-        self.data[:, layer].index_put_(index, kv)  # [num_blocks, 2, block_size, kv_heads, head_dim]
+        blocks, kv_slots, offsets = index
+        self.data.index_put_((blocks, self._layer_ids[layer], kv_slots, offsets), kv)
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of each row's blocks, as [rows, blocks * block_size, kv_heads, head_dim]."""

@@ -205,12 +205,11 @@ class Transformer(nn.Module):
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
 
-    @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_blocks: torch.Tensor,
                slot_offsets: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                cache: KVCache) -> torch.Tensor:
-        """Logits [B, vocab] of a decode-only step: one new token per sequence. Tensors in, tensors out, so
-        that torch.compile can take it whole (shared/engine/compiled.py)."""
+        """Logits [B, vocab] of a decode-only step, one new token per sequence (under inference mode). Tensors
+        in, tensors out, so that torch.compile can take it whole (shared/engine/compiled.py)."""
         x = self.embed_tokens(token_ids)  # [B, hidden]
         step = self._step_tensors(x.dtype, positions, slot_blocks, slot_offsets, block_tables, context_lens, [],
                                   cache)
