@@ -20,6 +20,7 @@ import torch
 
 from shared.engine.kv_cache import KVCache
 from shared.engine.model import ForwardBatch, Transformer
+from shared.engine.quant import make_traceable_
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class CompiledDecode:
     def __init__(self, model: Transformer, cache: KVCache) -> None:
         self.model = model
         self.cache = cache
+        make_traceable_(model)
         self.num_compiled = 0  # steps run by a compiled graph
         self.num_eager = 0  # steps `covers` took that no compiled graph fitted
         self._decode = torch.compile(model.decode, fullgraph=True, options={"cpp_wrapper": True})

@@ -14,8 +14,9 @@
   fast but moved the top-1 token at half of the positions of a test text: not offered.
 
 FBGEMM's packed weight is an opaque TorchScript object, which torch.compile cannot take as an op
-argument. Compiled graphs (shared/engine/compiled.py) call the op `distserve::fp16_linear` instead,
-which names the layer by an int key into a table of live `Fp16Linear`s.
+argument. Compiled graphs (shared/engine/compiled.py) call `distserve::fp16_linear` instead, a small
+C++ op (csrc/fp16_linear.cpp, built at first use) that runs the same kernel on a weight handed to it
+once and named by an int key (`make_traceable_`).
 
 torch 2.13 marks FBGEMM's fp16 entry points deprecated (in favour of torchao, which has no AVX2
 kernel for this); the project pins torch 2.13, and the warning is silenced where it is raised.
@@ -23,9 +24,10 @@ kernel for this); the project pins torch 2.13, and the warning is silenced where
 
 from __future__ import annotations
 
-import itertools
+import functools
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,30 +37,28 @@ from torch.nn import functional as F
 KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
 
 
-_fp16_linears: weakref.WeakValueDictionary[int, Fp16Linear] = weakref.WeakValueDictionary()
-_fp16_keys = itertools.count()
-
-_lib = torch.library.Library("distserve", "DEF")  # a plain Library op: less Python per call than custom_op
-_lib.define("fp16_linear(Tensor x, int key, int out_features) -> Tensor")
+CSRC = Path(__file__).with_name("csrc") / "fp16_linear.cpp"
 
 
-def _fp16_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, _fp16_linears[key].packed)
+@functools.cache
+def load_fp16_op() -> None:
+    """Build and load distserve::fp16_linear (csrc/fp16_linear.cpp): about 5 s the first time, then cached
+    (under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR). Needs a C++ compiler, as inductor does."""
+    from torch.utils import cpp_extension  # imports setuptools: only when needed
 
+    cpp_extension.load(name="distserve_fp16_linear", sources=[str(CSRC)], extra_cflags=["-O2"],
+                       is_python_module=False)
 
-def _fp16_linear_fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
+    def fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
 
-
-_lib.impl("fp16_linear", _fp16_linear, "CPU")
-torch.library.register_fake("distserve::fp16_linear", _fp16_linear_fake, lib=_lib)
+    torch.library.register_fake("distserve::fp16_linear", fake)
 
 
 class Fp16Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.key = next(_fp16_keys)
-        _fp16_linears[self.key] = self
+        self.key: int | None = None  # this weight's key for distserve::fp16_linear, once traceable
         w = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():
@@ -70,10 +70,19 @@ class Fp16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling():
+            if self.key is None:
+                raise RuntimeError("compiling an Fp16Linear needs make_traceable_(model) first")
             y = torch.ops.distserve.fp16_linear(rows, self.key, self.out_features)
         else:  # eager: straight to the kernel, no hop through the dispatcher and Python
             y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def make_traceable(self) -> None:
+        """Hand the packed weight to distserve::fp16_linear, which compiled graphs call instead."""
+        if self.key is None:
+            load_fp16_op()
+            self.key = int(torch.ops.distserve.keep_fp16_weight(self.packed))
+            weakref.finalize(self, torch.ops.distserve.forget_fp16_weight, self.key)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16"
@@ -109,3 +118,10 @@ def convert_linears_(model: nn.Module, weights: Literal["fp16", "int8"]) -> None
             setattr(model, name, Fp16Linear(child) if weights == "fp16" else Int8Linear(child))
         else:
             convert_linears_(child, weights)
+
+
+def make_traceable_(model: nn.Module) -> None:
+    """Let torch.compile trace every Fp16Linear of the model (see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, Fp16Linear):
+            module.make_traceable()
