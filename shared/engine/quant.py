@@ -25,6 +25,9 @@ kernel for this); the project pins torch 2.13, and the warning is silenced where
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import subprocess
 import warnings
 import weakref
 from pathlib import Path
@@ -34,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.engine.model_files import cache_dir, write_atomically
+
 KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
 
 
@@ -42,12 +47,26 @@ CSRC = Path(__file__).with_name("csrc") / "fp16_linear.cpp"
 
 @functools.cache
 def load_fp16_op() -> None:
-    """Build and load distserve::fp16_linear (csrc/fp16_linear.cpp): about 5 s the first time, then cached
-    (under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR). Needs a C++ compiler, as inductor does."""
-    from torch.utils import cpp_extension  # imports setuptools: only when needed
+    """Load distserve::fp16_linear (csrc/fp16_linear.cpp), built with the system's C++ compiler the first
+    time (about 5 s; the compiler inductor needs too) and cached by the source and torch version."""
+    from torch.utils import cpp_extension  # for torch's include and library paths
 
-    cpp_extension.load(name="distserve_fp16_linear", sources=[str(CSRC)], extra_cflags=["-O2"],
-                       is_python_module=False)
+    source = CSRC.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
+    library = cache_dir() / f"fp16_linear-{key}.so"
+    if not library.exists():
+
+        def build(out: Path) -> None:
+            command = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+                       f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                       *(f"-I{p}" for p in cpp_extension.include_paths()), str(CSRC), "-o", str(out),
+                       *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"building {CSRC.name} failed ({command[0]}):\n{done.stderr[-2000:]}")
+
+        write_atomically(library, build)
+    torch.ops.load_library(library)
 
     def fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], out_features)
