@@ -5,8 +5,8 @@ some 600 small ops, each a trip through Python and the dispatcher. Inductor fuse
 residuals and masks into a few C++ loops around the GEMMs, and its C++ wrapper (`cpp_wrapper`) calls
 them without Python in between. Prefill and mixed steps stay eager: their GEMMs are long enough.
 
-Two graphs, both compiled at engine start so that no request pays for them (about 15 s with a warm
-inductor cache, 2 minutes cold, on 2 cores: hence opt-in): batch 1, and batch >= 2 with the batch
+Two graphs, both compiled at engine start so that no request pays for them (12-15 s with a warm
+inductor cache, 1.5 minutes cold, on 2 cores: hence opt-in): batch 1, and batch >= 2 with the batch
 dynamic. The number of KV blocks per sequence is dynamic in both. A step the graphs do not cover
 (a single block of context) runs eager, and so would one that needs a new graph after warm-up:
 serving never stops to compile.

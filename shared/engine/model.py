@@ -84,7 +84,7 @@ class StepTensors:
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D], signed
     write_index: tuple[torch.Tensor, ...]  # KVCache.write_index of the batch's slots
-    decode_block_tables: torch.Tensor  # [B, N]
+    decode_block_tables: torch.Tensor  # [B, N]: B = the number of decode tokens, first in the batch
     decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context
     prefill_spans: list[PrefillSpan]
 
@@ -197,8 +197,10 @@ class Transformer(nn.Module):
             # A one-token prompt chunk rides with the decodes but may need no logits.
             return logits if len(batch.logits_indices) == len(logits) else logits[batch.logits_indices]
         x = self.embed_tokens(batch.token_ids)
+        n = batch.num_decode
         step = self._step_tensors(x.dtype, batch.positions, batch.slot_blocks, batch.slot_offsets,
-                                  batch.decode_block_tables, batch.decode_context_lens, batch.prefill_spans, cache)
+                                  batch.decode_block_tables[:n], batch.decode_context_lens[:n], batch.prefill_spans,
+                                  cache)
         for layer in self.layers:
             x = layer(x, step, cache)
         # Only the last token of each sequence needs logits: skip the vocab GEMM for the rest.
