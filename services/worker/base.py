@@ -106,7 +106,7 @@ class Worker(ABC):
             model=self.settings.model, role=self.role, max_num_batched_tokens=s.max_num_batched_tokens,
             max_num_seqs=s.max_num_seqs, block_size=s.block_size, kv_cache_memory_gib=s.kv_cache_memory_gib,
             num_threads=s.num_threads, chunked_prefill=s.chunked_prefill, dtype=s.dtype,
-            weights=s.weights,
+            weights=s.weights, compile=s.compile,
         ))
 
     def stop(self) -> None:

@@ -22,6 +22,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
     p.add_argument("--weights", choices=get_args(Weights), default="native",
                    help="linear weights: native fp32, or packed fp16 / int8 (faster on CPU; default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile decode steps at start (faster decode; 15 s to 2 min of compiling first)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -63,7 +65,7 @@ def build(args: argparse.Namespace) -> tuple[LLMEngine, SamplingParams]:
     """Validate the sampling flags first: a typo should not cost a model load."""
     params = sampling_from_args(args)
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=args.weights,
-                                    max_num_seqs=1, kv_cache_memory_gib=0.25))
+                                    compile=args.compile, max_num_seqs=1, kv_cache_memory_gib=0.25))
     return engine, params
 
 

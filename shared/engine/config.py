@@ -60,6 +60,7 @@ class EngineConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     weights: Weights = "native"  # linear layers: in `dtype`, or fp16 / int8 weights (quant.py; float32 only)
     seed: int = 0  # random-model initialisation
+    compile: bool = False  # decode-only steps as one torch.compile graph (compiled.py); compiles at start
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from shared.engine.compiled import CompiledDecode
 from shared.engine.config import EngineConfig, ModelConfig
 from shared.engine.kv_cache import BlockManager, KVCache
 from shared.engine.loader import load_model
@@ -103,6 +104,10 @@ class LLMEngine:
         self.cache = KVCache(self.model_config, num_blocks, config.block_size, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks)
+        self.compiled: CompiledDecode | None = None
+        if config.compile:
+            self.compiled = CompiledDecode(self.model, self.cache)
+            self.compiled.warm_up()  # before any block is handed out: it writes to block 0
         self.held: dict[str, Sequence] = {}
         self.importing: dict[str, Sequence] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -183,7 +188,7 @@ class LLMEngine:
                 batch, sampling = self._build_batch(scheduled)
                 self._in_flight = frozenset(seq.request_id for seq, _ in scheduled)
             try:
-                logits = self.model(batch, self.cache)  # without the lock: see the module docstring
+                logits = self._forward(batch)  # without the lock: see the module docstring
             except BaseException:
                 with self.lock:
                     self._in_flight = frozenset()
@@ -199,6 +204,11 @@ class LLMEngine:
                 for request_id in aborted:
                     self.abort(request_id)
                 return outputs
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.compiled is not None and self.compiled.covers(batch):
+            return self.compiled(batch)
+        return self.model(batch, self.cache)
 
     def _build_batch(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
         decodes = [(s, n) for s, n in scheduled if n == 1]

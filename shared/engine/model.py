@@ -61,19 +61,32 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)  # [P, D]
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # [P, D/2]
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1).float(), persistent=False)
+        # rotate_half(x) * sin == swap_halves(x) * [-sin, sin]: the sign lives in the table.
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1).float(), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions, None, :].to(dtype), self.sin[positions, None, :].to(dtype)  # [T, 1, D]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """RoPE in place on x [T, heads, D]; sin comes signed from RotaryEmbedding.tables."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    x.mul_(cos).addcmul_(swapped, sin)
+
+
+@dataclass
+class StepTensors:
+    """What every layer needs and that depends only on the batch: built once per forward, not per layer."""
+
+    cos: torch.Tensor  # [T, 1, D]
+    sin: torch.Tensor  # [T, 1, D], signed
+    write_index: tuple[torch.Tensor, ...]  # KVCache.write_index of the batch's slots
+    decode_block_tables: torch.Tensor  # [B, N]: B = the number of decode tokens, first in the batch
+    decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context
+    prefill_spans: list[PrefillSpan]
 
 
 class Attention(nn.Module):
@@ -84,37 +97,37 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
-                cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
         c = self.config
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rope(q.view(T, c.num_heads, c.head_dim), *rope)  # [T, H, D]
-        k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim), *rope)  # [T, KVH, D]
-        v = v.view(T, c.num_kv_heads, c.head_dim)
-        cache.write(self.layer_id, batch.slot_blocks, batch.slot_offsets, k, v)
+        qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
+        apply_rope_(qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim),
+                    step.cos, step.sin)  # q and k together
+        cache.write(self.layer_id, step.write_index, qkv[:, c.q_size:].view(T, 2, c.num_kv_heads, c.head_dim))
+        q = qkv[:, : c.q_size].view(T, c.num_heads, c.head_dim)
 
-        out = torch.empty_like(q)
-        if batch.num_decode:
-            out[: batch.num_decode] = self._decode_attention(q[: batch.num_decode], batch, cache)
-        for span in batch.prefill_spans:
-            rows = slice(span.start, span.start + span.length)
-            out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], span, cache)
+        num_decode = step.decode_block_tables.shape[0]
+        if not step.prefill_spans:  # decode only: no copy into a shared output
+            out = self._decode_attention(q, step, cache)
+        else:
+            k = qkv[:, c.q_size: c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
+            out = torch.empty_like(q)
+            if num_decode:
+                out[:num_decode] = self._decode_attention(q[:num_decode], step, cache)
+            for span in step.prefill_spans:
+                rows = slice(span.start, span.start + span.length)
+                out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], span, cache)
         return self.o_proj(out.view(T, c.q_size))
 
-    def _decode_attention(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def _decode_attention(self, q: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
         # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
         # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
         c = self.config
         B = q.shape[0]
-        k, v = cache.gather(self.layer_id, batch.decode_block_tables)  # [B, S, KVH, D]
-        S = k.shape[1]
+        k, v = cache.gather(self.layer_id, step.decode_block_tables)  # [B, S, KVH, D]
         qg = q.view(B, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim)
-        mask = None
-        if B > 1 or int(batch.decode_context_lens[0]) != S:
-            mask = torch.arange(S) < batch.decode_context_lens[:, None]  # [B, S]
-            mask = mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=step.decode_mask)
         return out.reshape(B, c.num_heads, c.head_dim)
 
     def _prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PrefillSpan,
@@ -157,10 +170,10 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
-                cache: KVCache) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), rope, batch, cache)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
+        x += self.attn(self.input_norm(x), step, cache)  # in place: x is this forward's own buffer
+        x += self.mlp(self.post_attn_norm(x))
+        return x
 
 
 class Transformer(nn.Module):
@@ -178,10 +191,40 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Logits [num_sequences, vocab] for the rows in batch.logits_indices."""
+        if not batch.prefill_spans:
+            logits = self.decode(batch.token_ids, batch.positions, batch.slot_blocks, batch.slot_offsets,
+                                 batch.decode_block_tables, batch.decode_context_lens, cache)
+            # A one-token prompt chunk rides with the decodes but may need no logits.
+            return logits if len(batch.logits_indices) == len(logits) else logits[batch.logits_indices]
         x = self.embed_tokens(batch.token_ids)
-        rope = self.rotary.tables(batch.positions, x.dtype)
+        n = batch.num_decode
+        step = self._step_tensors(x.dtype, batch.positions, batch.slot_blocks, batch.slot_offsets,
+                                  batch.decode_block_tables[:n], batch.decode_context_lens[:n], batch.prefill_spans,
+                                  cache)
         for layer in self.layers:
-            x = layer(x, rope, batch, cache)
+            x = layer(x, step, cache)
         # Only the last token of each sequence needs logits: skip the vocab GEMM for the rest.
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
+
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_blocks: torch.Tensor,
+               slot_offsets: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+               cache: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] of a decode-only step, one new token per sequence (under inference mode). Tensors
+        in, tensors out, so that torch.compile can take it whole (shared/engine/compiled.py)."""
+        x = self.embed_tokens(token_ids)  # [B, hidden]
+        step = self._step_tensors(x.dtype, positions, slot_blocks, slot_offsets, block_tables, context_lens, [],
+                                  cache)
+        for layer in self.layers:
+            x = layer(x, step, cache)
+        return self.lm_head(self.norm(x)).float()
+
+    def _step_tensors(self, dtype: torch.dtype, positions: torch.Tensor, slot_blocks: torch.Tensor,
+                      slot_offsets: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                      spans: list[PrefillSpan], cache: KVCache) -> StepTensors:
+        cos, sin = self.rotary.tables(positions, dtype)
+        mask = None
+        if block_tables.shape[0]:
+            keys = torch.arange(block_tables.shape[1] * cache.block_size)  # [S]
+            mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, mask, spans)

@@ -13,25 +13,71 @@
   the measured option, it does not pay here. FBGEMM's dynamic int8 (activations quantized too) is
   fast but moved the top-1 token at half of the positions of a test text: not offered.
 
+FBGEMM's packed weight is an opaque TorchScript object, which torch.compile cannot take as an op
+argument. Compiled graphs (shared/engine/compiled.py) call `distserve::fp16_linear` instead, a small
+C++ op (csrc/fp16_linear.cpp, built at first use) that runs the same kernel on a weight handed to it
+once and named by an int key (`make_traceable_`).
+
 torch 2.13 marks FBGEMM's fp16 entry points deprecated (in favour of torchao, which has no AVX2
 kernel for this); the project pins torch 2.13, and the warning is silenced where it is raised.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import subprocess
 import warnings
+import weakref
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.engine.model_files import cache_dir, write_atomically
+
 KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
+
+
+CSRC = Path(__file__).with_name("csrc") / "fp16_linear.cpp"
+
+
+@functools.cache
+def load_fp16_op() -> None:
+    """Load distserve::fp16_linear (csrc/fp16_linear.cpp), built with the system's C++ compiler the first
+    time (about 5 s; the compiler inductor needs too) and cached by the source and torch version."""
+    from torch.utils import cpp_extension  # for torch's include and library paths
+
+    source = CSRC.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
+    library = cache_dir() / f"fp16_linear-{key}.so"
+    if not library.exists():
+
+        def build(out: Path) -> None:
+            command = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+                       f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                       *(f"-I{p}" for p in cpp_extension.include_paths()), str(CSRC), "-o", str(out),
+                       *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"building {CSRC.name} failed ({command[0]}):\n{done.stderr[-2000:]}")
+
+        write_atomically(library, build)
+    torch.ops.load_library(library)
+
+    def fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    torch.library.register_fake("distserve::fp16_linear", fake)
 
 
 class Fp16Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
+        self.key: int | None = None  # this weight's key for distserve::fp16_linear, once traceable
         w = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():
@@ -41,8 +87,21 @@ class Fp16Linear(nn.Module):
         self.weight_nbytes = 2 * w.numel()  # what a step reads (the packed weight is not a tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self.packed)
+        rows = x.reshape(-1, self.in_features)
+        if torch.compiler.is_compiling():
+            if self.key is None:
+                raise RuntimeError("compiling an Fp16Linear needs make_traceable_(model) first")
+            y = torch.ops.distserve.fp16_linear(rows, self.key, self.out_features)
+        else:  # eager: the quantized op itself, one lookup fewer
+            y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def make_traceable(self) -> None:
+        """Hand the packed weight to distserve::fp16_linear, which compiled graphs call instead."""
+        if self.key is None:
+            load_fp16_op()
+            self.key = int(torch.ops.distserve.keep_fp16_weight(self.packed))
+            weakref.finalize(self, torch.ops.distserve.forget_fp16_weight, self.key)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16"
@@ -78,3 +137,10 @@ def convert_linears_(model: nn.Module, weights: Literal["fp16", "int8"]) -> None
             setattr(model, name, Fp16Linear(child) if weights == "fp16" else Int8Linear(child))
         else:
             convert_linears_(child, weights)
+
+
+def make_traceable_(model: nn.Module) -> None:
+    """Let torch.compile trace every Fp16Linear of the model (see the module docstring)."""
+    for module in model.modules():
+        if isinstance(module, Fp16Linear):
+            module.make_traceable()
