@@ -71,6 +71,7 @@ class EngineKnobs:
     chunk_tokens: int = 256  # chunked prefill's per-step token budget (decodes + prompt chunks)
     model: str = "default"
     weights: str = "native"  # linear weights of every worker (EngineSettings.weights)
+    compile: bool = False  # decode-only steps as compiled graphs in every worker (EngineSettings.compile)
 
     def __post_init__(self) -> None:
         if self.cores < 2 or self.cores % 2:
@@ -94,7 +95,8 @@ def parse_deployments(text: str) -> tuple[str, ...]:
 def deployment_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
     """The settings overrides (load_settings' nested dict) that make deployment ``name``."""
     half, whole = knobs.cores // 2, knobs.cores
-    engine = {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs, "weights": knobs.weights}
+    engine = {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs, "weights": knobs.weights,
+              "compile": knobs.compile}
     if name == "disagg":
         return {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1,
                 "prefill": {**engine, "num_threads": half}, "decode": {**engine, "num_threads": half}}
@@ -306,6 +308,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default", help="served model (default: SmolLM2-135M)")
     p.add_argument("--weights", choices=["native", "fp16", "int8"], default=EngineSettings().weights,
                    help="linear weights of every worker (default %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="every worker runs decode-only steps as compiled graphs (compiles at start)")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
     p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
@@ -321,7 +325,8 @@ def main(args: argparse.Namespace) -> int:
         slo = slo_from_args(args)
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                            chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights)
+                            chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
+                            compile=args.compile)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")

@@ -105,7 +105,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks)
         self.compiled: CompiledDecode | None = None
-        if config.compile:
+        if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
             self.compiled = CompiledDecode(self.model, self.cache)
             self.compiled.warm_up()  # before any block is handed out: it writes to block 0
         self.held: dict[str, Sequence] = {}
