@@ -161,7 +161,8 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=WEIGHTS[variant],
                                     dtype="bfloat16" if variant == "bf16" else "float32",
                                     max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
-                                    kv_cache_memory_gib=args.kv_gib, compile=args.compile))
+                                    kv_cache_memory_gib=args.kv_gib, compile=args.compile,
+                                    paged_attention=not args.gather_attention))
     capacity = engine.blocks.num_blocks * engine.config.block_size
     if capacity < tokens_needed + max_batch * engine.config.block_size:
         raise ValueError(f"--kv-gib {args.kv_gib} holds {capacity} tokens; this grid needs about {tokens_needed}")
@@ -237,6 +238,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=positive_int, default=128, help="prompt tokens per decode sequence (default 128)")
     p.add_argument("--compile", action="store_true",
                    help="decode steps as one torch.compile graph (EngineConfig.compile; compiles at start)")
+    p.add_argument("--gather-attention", action="store_true",
+                   help="decode attention by gathering KV + SDPA, not the paged kernel (EngineConfig.paged_attention)")
     p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
     p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")
     p.add_argument("--gemm-n", type=positive_int, default=2048, help="GEMM test size n x n x n (default 2048)")
@@ -269,7 +272,8 @@ def main(args: argparse.Namespace) -> int:
     last = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n)
     machine = Machine(first.threads, max(first.bandwidth_bytes_s, last.bandwidth_bytes_s),
                       max(first.gemm_flop_s, last.gemm_flop_s))
-    console.print(f"model: {args.model}" + (", decode steps compiled" if args.compile else ""))
+    console.print(f"model: {args.model}" + (", decode steps compiled" if args.compile else "")
+                  + (", decode attention by gather + SDPA" if args.gather_attention else ""))
     console.print(machine_table(machine, load_start))
     console.print(prefill_table(prefills, machine))
     console.print(decode_table(decodes, machine, weight_bytes))

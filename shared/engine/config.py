@@ -61,6 +61,7 @@ class EngineConfig:
     weights: Weights = "native"  # linear layers: in `dtype`, or fp16 / int8 weights (quant.py; float32 only)
     seed: int = 0  # random-model initialisation
     compile: bool = False  # decode-only steps as one torch.compile graph (compiled.py); compiles at start
+    paged_attention: bool = True  # decode attention by a C++ kernel over the paged cache (else gather + SDPA)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):

@@ -9,6 +9,7 @@ touch the forward's own blocks, aborting a request in the running batch, waits f
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from shared.engine.sampler import sample
 from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import SamplingParams, Sequence, Status
 from shared.engine.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -104,6 +107,11 @@ class LLMEngine:
         self.cache = KVCache(self.model_config, num_blocks, config.block_size, dtype)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks)
+        if config.paged_attention:
+            try:
+                self.model.use_paged_attention()
+            except (RuntimeError, OSError) as e:  # no C++ compiler here: the generic path still works
+                log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
         self.compiled: CompiledDecode | None = None
         if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
             self.compiled = CompiledDecode(self.model, self.cache)

@@ -15,6 +15,7 @@ from torch import nn
 
 from shared.engine.config import ModelConfig
 from shared.engine.kv_cache import KVCache
+from shared.engine.native import load_paged_attention
 
 
 @dataclass
@@ -85,7 +86,9 @@ class StepTensors:
     sin: torch.Tensor  # [T, 1, D], signed
     write_index: tuple[torch.Tensor, ...]  # KVCache.write_index of the batch's slots
     decode_block_tables: torch.Tensor  # [B, N]: B = the number of decode tokens, first in the batch
-    decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context
+    decode_context_lens: torch.Tensor  # [B]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context (gather)
+    paged: bool  # decode attention by distserve::paged_decode_attention, straight from the cache
     prefill_spans: list[PrefillSpan]
 
 
@@ -123,6 +126,9 @@ class Attention(nn.Module):
     def _decode_attention(self, q: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
         # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
         # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
+        if step.paged:
+            return torch.ops.distserve.paged_decode_attention(q, cache.data, self.layer_id, step.decode_block_tables,
+                                                              step.decode_context_lens, self.config.head_dim ** -0.5)
         c = self.config
         B = q.shape[0]
         k, v = cache.gather(self.layer_id, step.decode_block_tables)  # [B, S, KVH, D]
@@ -187,6 +193,12 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.paged_attention = False  # set by use_paged_attention()
+
+    def use_paged_attention(self) -> None:
+        """Decode attention by the C++ kernel that reads the paged cache in place (native.py builds it)."""
+        load_paged_attention()
+        self.paged_attention = True
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -224,7 +236,8 @@ class Transformer(nn.Module):
                       spans: list[PrefillSpan], cache: KVCache) -> StepTensors:
         cos, sin = self.rotary.tables(positions, dtype)
         mask = None
-        if block_tables.shape[0]:
+        if block_tables.shape[0] and not self.paged_attention:
             keys = torch.arange(block_tables.shape[1] * cache.block_size)  # [S]
             mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, mask, spans)
+        return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
+                           self.paged_attention, spans)

@@ -25,48 +25,23 @@ kernel for this); the project pins torch 2.13, and the warning is silenced where
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import subprocess
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.engine.model_files import cache_dir, write_atomically
+from shared.engine.native import load_op_library
 
 KERNEL_MAX_ROWS = 2  # above this, dequantize + GEMM beats the int8 kernel (measured on AVX2)
 
 
-CSRC = Path(__file__).with_name("csrc") / "fp16_linear.cpp"
-
-
 @functools.cache
 def load_fp16_op() -> None:
-    """Load distserve::fp16_linear (csrc/fp16_linear.cpp), built with the system's C++ compiler the first
-    time (about 5 s; the compiler inductor needs too) and cached by the source and torch version."""
-    from torch.utils import cpp_extension  # for torch's include and library paths
-
-    source = CSRC.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
-    library = cache_dir() / f"fp16_linear-{key}.so"
-    if not library.exists():
-
-        def build(out: Path) -> None:
-            command = [os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
-                       f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-                       *(f"-I{p}" for p in cpp_extension.include_paths()), str(CSRC), "-o", str(out),
-                       *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"building {CSRC.name} failed ({command[0]}):\n{done.stderr[-2000:]}")
-
-        write_atomically(library, build)
-    torch.ops.load_library(library)
+    """Load distserve::fp16_linear (csrc/fp16_linear.cpp, built at first use: shared/engine/native.py)."""
+    load_op_library("fp16_linear")
 
     def fake(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], out_features)
