@@ -72,12 +72,17 @@ class EngineKnobs:
     model: str = "default"
     weights: str = "native"  # linear weights of every worker (EngineSettings.weights)
     compile: bool = False  # decode-only steps as compiled graphs in every worker (EngineSettings.compile)
+    dtype: str = "float32"  # every worker's (EngineSettings.dtype); a bfloat16 worker keeps bfloat16 weights
+    prefill_dtype: str | None = None  # disagg's prefill worker only (None: dtype), e.g. bfloat16 on AMX CPUs
 
     def __post_init__(self) -> None:
         if self.cores < 2 or self.cores % 2:
             raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
         if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
             raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
+        for dtype in (self.dtype, self.prefill_dtype or self.dtype):
+            if dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def parse_deployments(text: str) -> tuple[str, ...]:
@@ -95,11 +100,16 @@ def parse_deployments(text: str) -> tuple[str, ...]:
 def deployment_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
     """The settings overrides (load_settings' nested dict) that make deployment ``name``."""
     half, whole = knobs.cores // 2, knobs.cores
-    engine = {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs, "weights": knobs.weights,
-              "compile": knobs.compile}
+
+    def engine_in(dtype: str) -> dict[str, Any]:
+        return {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs, "compile": knobs.compile,
+                "dtype": dtype, "weights": knobs.weights if dtype == "float32" else "native"}
+
+    engine = engine_in(knobs.dtype)
     if name == "disagg":
         return {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1,
-                "prefill": {**engine, "num_threads": half}, "decode": {**engine, "num_threads": half}}
+                "prefill": {**engine_in(knobs.prefill_dtype or knobs.dtype), "num_threads": half},
+                "decode": {**engine, "num_threads": half}}
     if name == "colocated":
         return {"mode": "colocated", "colocated_instances": 1, "colocated": {**engine, "num_threads": whole}}
     if name == "colocated-2x1":
@@ -310,6 +320,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="linear weights of every worker (default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="every worker runs decode-only steps as compiled graphs (compiles at start)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="every worker's dtype; bfloat16 workers keep bfloat16 weights (default %(default)s)")
+    p.add_argument("--prefill-dtype", choices=["float32", "bfloat16"],
+                   help="disagg's prefill worker's dtype (default: --dtype); its KV is converted on import")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
     p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
@@ -326,7 +340,7 @@ def main(args: argparse.Namespace) -> int:
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                             chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
-                            compile=args.compile)
+                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")

@@ -69,6 +69,7 @@ class KVMeta(BaseModel):
     block_nbytes: int
     output_text: str  # text generated so far, and how much of it was already streamed
     num_emitted_chars: int
+    dtype: str = "float32"  # of the exported KV; an importer in another dtype converts it (EngineConfig.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +119,9 @@ class LLMEngine:
             self.compiled.warm_up()  # before any block is handed out: it writes to block 0
         self.held: dict[str, Sequence] = {}
         self.importing: dict[str, Sequence] = {}
+        # KV arriving in another dtype (a bfloat16 prefill for a float32 decode): received here, converted
+        # into the request's blocks at commit
+        self.staging: dict[str, torch.Tensor] = {}
         self.sequences: dict[str, Sequence] = {}
         self.generator = torch.Generator().manual_seed(torch.seed())
         self.lock = threading.RLock()
@@ -278,6 +282,7 @@ class LLMEngine:
         seq.status = Status.FINISHED
         self.held.pop(seq.request_id, None)
         self.importing.pop(seq.request_id, None)
+        self.staging.pop(seq.request_id, None)
         self.sequences.pop(seq.request_id, None)
 
     # -- KV hand-off ----------------------------------------------------------------------------
@@ -292,7 +297,7 @@ class LLMEngine:
                 output_token_ids=seq.output_token_ids, params=seq.params,
                 num_kv_tokens=seq.num_computed_tokens, num_blocks=len(seq.block_table),
                 block_size=self.config.block_size, block_nbytes=self.cache.block_nbytes,
-                output_text=seq.text, num_emitted_chars=seq.num_emitted_chars,
+                output_text=seq.text, num_emitted_chars=seq.num_emitted_chars, dtype=self.config.dtype,
             )
             return KVExport(meta, self.cache.views(seq.block_table))
 
@@ -302,9 +307,15 @@ class LLMEngine:
             return self.blocks.can_allocate(self.blocks.blocks_needed(num_kv_tokens + 1))
 
     def kv_import_begin(self, meta: KVMeta) -> list[torch.Tensor] | None:
-        """Reserve blocks for an incoming request; the views its KV bytes go to, or None if no room."""
-        if meta.block_size != self.config.block_size or meta.block_nbytes != self.cache.block_nbytes:
-            raise ValueError("KV layout mismatch between prefill and decode (model, dtype or block size differ)")
+        """Reserve blocks for an incoming request; the views its KV bytes go to, or None if no room.
+
+        KV in another dtype than this engine's goes to a staging buffer and is converted at commit."""
+        source = DTYPES.get(meta.dtype)
+        if source is None:
+            raise ValueError(f"KV dtype {meta.dtype!r} is not one of {', '.join(DTYPES)}")
+        block_numel = self.cache.data[0].numel()
+        if meta.block_size != self.config.block_size or meta.block_nbytes != block_numel * source.itemsize:
+            raise ValueError("KV layout mismatch between prefill and decode (model or block size differ)")
         self.validate(meta.prompt_token_ids, meta.params)
         with self.lock:
             if meta.request_id in self.sequences:
@@ -319,11 +330,18 @@ class LLMEngine:
             seq.status = Status.IMPORTING
             self.sequences[meta.request_id] = seq
             self.importing[meta.request_id] = seq
-            return self.cache.views(seq.block_table)
+            if source == self.cache.data.dtype:
+                return self.cache.views(seq.block_table)
+            staging = torch.empty(meta.num_blocks, *self.cache.data.shape[1:], dtype=source)
+            self.staging[meta.request_id] = staging
+            return [staging]
 
     def kv_import_commit(self, request_id: str) -> None:
         with self.lock:
             seq = self.importing.pop(request_id)
+            staging = self.staging.pop(request_id, None)
+            if staging is not None:
+                self.cache.data.index_copy_(0, torch.tensor(seq.block_table), staging.to(self.cache.data.dtype))
             seq.status = Status.RUNNING
             self.scheduler.running.append(seq)
 
@@ -331,6 +349,7 @@ class LLMEngine:
         """The transfer failed: compute the request's KV here from its tokens instead (same continuation)."""
         with self.lock:
             seq = self.importing.pop(request_id)
+            self.staging.pop(request_id, None)
             seq.num_computed_tokens = 0  # its reserved blocks stay: the prefill fills them
             seq.status = Status.WAITING
             self.scheduler.waiting.append(seq)

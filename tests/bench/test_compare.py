@@ -73,9 +73,20 @@ def test_every_deployment_uses_exactly_the_cores_with_its_own_servers(cores: int
             assert s.colocated.max_num_batched_tokens == 128
 
 
+def test_dtype_knobs_reach_the_workers() -> None:
+    knobs = EngineKnobs(dtype="float32", prefill_dtype="bfloat16", weights="fp16", compile=True)
+    s = deployment_settings("disagg", knobs, 9123, SLO_)
+    assert (s.prefill.dtype, s.prefill.weights) == ("bfloat16", "native")  # bfloat16 keeps bfloat16 weights
+    assert (s.decode.dtype, s.decode.weights, s.decode.compile) == ("float32", "fp16", True)
+    s = deployment_settings("colocated", EngineKnobs(dtype="bfloat16", weights="fp16"), 9123, SLO_)
+    assert (s.colocated.dtype, s.colocated.weights) == ("bfloat16", "native")
+
+
 def test_bad_knobs_fail_before_any_stack_starts() -> None:
     with pytest.raises(ValueError, match="cores"):
         EngineKnobs(cores=3)
+    with pytest.raises(ValueError, match="dtype"):
+        EngineKnobs(prefill_dtype="float16")
     args = build_parser().parse_args(["bench", "compare", "--cores", "1", "--no-progress"])
     assert main(args) == 2
 

@@ -85,22 +85,55 @@ def test_kv_export_import_continues_identically(engine: LLMEngine) -> None:
     prefill.add_request("r", prefill.tokenizer.encode(prompt), GREEDY)
     (first,) = prefill.step()
     assert not first.finished and prefill.stats().num_held == 1
-    export = prefill.kv_export("r")
+    move_kv(prefill, decode, "r")
+    prefill.release("r")
+    assert prefill.stats().free_blocks == prefill.stats().total_blocks
+    rest = run_to_completion(decode)["r"]
+    assert [first.token_id, *rest] == expected
+
+
+def move_kv(prefill: LLMEngine, decode: LLMEngine, request_id: str) -> None:
+    """Export, import and commit one request's KV, copying its bytes across as a transport would."""
+    export = prefill.kv_export(request_id)
     dest = decode.kv_import_begin(export.meta)
     assert dest is not None
-    # The two sides' views are one byte stream each; copy it across as a transport would.
-    stream = torch.cat([v.reshape(-1).view(torch.uint8) for v in export.views])
+    stream = torch.cat([v.reshape(-1).view(torch.uint8) for v in export.views])  # each side: one byte stream
     offset = 0
     for view in dest:
         flat = view.view(-1).view(torch.uint8)
         flat.copy_(stream[offset:offset + flat.numel()])
         offset += flat.numel()
     assert offset == export.nbytes == export.meta.nbytes
-    decode.kv_import_commit("r")
-    prefill.release("r")
-    assert prefill.stats().free_blocks == prefill.stats().total_blocks
-    rest = run_to_completion(decode)["r"]
-    assert [first.token_id, *rest] == expected
+    decode.kv_import_commit(request_id)
+
+
+def test_bfloat16_prefill_hands_kv_to_a_float32_decode() -> None:
+    """Each phase in its own dtype (bfloat16 prefill is fast on CPUs with AMX): the import converts the KV."""
+    prefill, decode = make_engine(role="prefill", dtype="bfloat16"), make_engine(role="decode", weights="fp16")
+    prompt = prefill.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prefill.add_request("r", prefill.tokenizer.encode(prompt), SamplingParams(max_tokens=20, temperature=0))
+    (first,) = prefill.step()
+    source_blocks = list(prefill.held["r"].block_table)
+    move_kv(prefill, decode, "r")
+    assert not decode.staging
+    imported = decode.cache.data[decode.sequences["r"].block_table]
+    assert imported.dtype == torch.float32
+    assert torch.equal(imported, prefill.cache.data[source_blocks].float())  # bfloat16 -> float32 is exact
+    text = first.text
+    while decode.has_unfinished():
+        text += "".join(out.text for out in decode.step())
+    assert "Paris" in text
+
+
+def test_kv_import_rejects_unknown_dtype_and_other_layouts(engine: LLMEngine) -> None:
+    prefill = make_engine(role="prefill")
+    prefill.add_request("r", prefill.tokenizer.encode(PROMPTS[0]), GREEDY)
+    prefill.step()
+    meta = prefill.kv_export("r").meta
+    with pytest.raises(ValueError, match="KV dtype 'float16'"):
+        engine.kv_import_begin(meta.model_copy(update={"dtype": "float16"}))
+    with pytest.raises(ValueError, match="layout mismatch"):
+        engine.kv_import_begin(meta.model_copy(update={"block_nbytes": meta.block_nbytes // 2}))
 
 
 def test_failed_transfer_recomputes_to_the_same_continuation(engine: LLMEngine) -> None:

@@ -198,6 +198,21 @@ def test_colocated_stack_serves_and_stops_cleanly(redis_server: RedisServer) -> 
     assert not any(process_alive(pid) for pid in pids)
 
 
+def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServer) -> None:
+    """Each phase in its own dtype: the decode worker converts the pulled KV to its own."""
+    with NatsServer() as nats:
+        stack = start_stack(nats, redis_server,
+                            prefill={"kv_cache_memory_gib": 0.1, "dtype": "bfloat16", "weights": "native"})
+        try:
+            reply = client(stack).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                temperature=0, max_tokens=20)
+            assert "Paris" in (reply.choices[0].message.content or "")
+            assert reply.usage is not None and reply.usage.completion_tokens > 1  # decoded past the first token
+        finally:
+            stack.stop()
+
+
 def test_no_workers_is_503(redis_server: RedisServer) -> None:
     with NatsServer() as nats:
         stack = start_stack_without_workers(nats, redis_server)
