@@ -134,15 +134,21 @@ class PhasePlan:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The colocated (vLLM-style) deployment's best single-instance configuration."""
+    """The colocated (vLLM-style) deployment's best single-instance configuration, and that configuration
+    replicated to the target rate behind the simulator's least-loaded dispatch (pooling helps it too)."""
 
     config: Parallel
     goodput: float  # requests/s of one instance
     instances: int  # to reach the target rate
+    deployed_goodput: float = math.nan  # requests/s of `instances` instances together
 
     @property
     def per_gpu_goodput(self) -> float:
         return self.goodput / self.config.gpus
+
+    @property
+    def deployed_per_gpu_goodput(self) -> float:
+        return self.deployed_goodput / (self.instances * self.config.gpus) if self.instances else math.nan
 
 
 @dataclass(frozen=True)
@@ -272,19 +278,28 @@ def algorithm2(problem: Problem, cache: Cache) -> Plan:
 
 
 def colocated_baseline(problem: Problem, model: LatencyModel) -> Baseline:
-    """The best colocated instance (tensor parallelism only, as vLLM ran) by per-GPU goodput."""
+    """The best colocated deployment (tensor parallelism only, as vLLM ran): each configuration's instance
+    goodput, then enough instances for the target rate simulated together; ranked by that deployment's
+    per-GPU goodput (a single instance's can flatter a configuration that only just meets the SLO alone)."""
     need = problem.need_tokens("decode")
-    scored = []
+    candidates: list[Baseline] = []
     for tp in model.tp_degrees:
         config = Parallel(tp, 1)
         if tp > problem.cluster.gpus_per_node or not fits(model, config, need):
             continue
         g = find_goodput(Colocated(config), model, problem.trace, problem.slo, limits=problem.limits)
-        scored.append(Scored(config, g.rate, g.simulations))
-    if not scored:
+        if g.rate <= 0:
+            candidates.append(Baseline(config, 0.0, 0, 0.0))
+            continue
+        instances = math.ceil(problem.rate / g.rate)
+        deployed = g.rate if instances == 1 else find_goodput(
+            Colocated(config, instances), model, problem.trace, problem.slo, limits=problem.limits,
+            hint=problem.rate).rate
+        candidates.append(Baseline(config, g.rate, instances, deployed))
+    if not candidates:
         raise PlanError(f"no colocated configuration of {model.model} fits in memory")
-    top = best(scored, problem.rate)
-    return Baseline(top.config, top.goodput, math.ceil(problem.rate / top.goodput) if top.goodput > 0 else 0)
+    return max(candidates, key=lambda b: (round(b.deployed_per_gpu_goodput, 9) if b.instances else 0.0,
+                                          round(b.per_gpu_goodput, 9), -b.config.gpus))
 
 
 def end_to_end(problem: Problem, plan: Plan) -> float:

@@ -42,9 +42,12 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         b = plan.baseline
         out["baseline"] = {"kind": "colocated", "tp": b.config.tp, "pp": b.config.pp, "instances": b.instances,
                            "gpus": b.instances * b.config.gpus, "instance_goodput": _num(b.goodput),
-                           "goodput_per_gpu": _num(b.per_gpu_goodput)}
+                           "goodput_per_gpu": _num(b.per_gpu_goodput), "deployed_goodput": _num(b.deployed_goodput),
+                           "deployed_goodput_per_gpu": _num(b.deployed_per_gpu_goodput)}
         if b.per_gpu_goodput > 0:
             out["speedup_per_gpu"] = _num(plan.goodput_per_gpu / b.per_gpu_goodput, 3)
+        if b.deployed_per_gpu_goodput > 0:
+            out["speedup_per_gpu_deployed"] = _num(plan.goodput_per_gpu / b.deployed_per_gpu_goodput, 3)
     return out
 
 
@@ -74,13 +77,18 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
                   f"{plan.goodput_per_gpu:.3f}", f"{plan.attainment:.1%}", style="bold")
     if plan.baseline:
         b = d["baseline"]
-        table.add_row("colocated", str(b["tp"]), str(b["pp"]), str(b["instances"]), str(b["gpus"]),
+        table.add_row("colocated", str(b["tp"]), str(b["pp"]), "1", str(b["tp"] * b["pp"]),
                       f"{b['instance_goodput']:.2f}", f"{b['goodput_per_gpu']:.3f}", "")
+        if b["deployed_goodput"] is not None:
+            table.add_row("colocated, replicated", str(b["tp"]), str(b["pp"]), str(b["instances"]), str(b["gpus"]),
+                          f"{b['deployed_goodput']:.2f}", f"{b['deployed_goodput_per_gpu']:.3f}", "")
     console.print(table)
     lines = [f"KV transfer at {d['kv_bandwidth_gbps']:g} Gbps; {plan.gpus} GPUs on {plan.nodes_needed} node(s)"
              f"{'' if plan.fits_cluster else ' (does NOT fit the cluster)'}; "
              f"{plan.simulations} simulations in {plan.search_seconds:.1f} s"]
     if "speedup_per_gpu" in d:
-        lines.append(f"per-GPU goodput vs colocated: {d['speedup_per_gpu']:.2f}x")
+        lines.append(f"per-GPU goodput vs colocated: {d['speedup_per_gpu']:.2f}x against one instance"
+                     + (f", {d['speedup_per_gpu_deployed']:.2f}x against {d['baseline']['instances']} replicated to "
+                        f"the rate" if "speedup_per_gpu_deployed" in d else ""))
     for line in lines + [f"note: {n}" for n in plan.notes]:
         console.print(line)

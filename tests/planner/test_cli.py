@@ -22,6 +22,7 @@ def test_plan_json_reference(capsys: pytest.CaptureFixture[str]) -> None:
     assert plan["gpus"] == plan["prefill"]["gpus"] + plan["decode"]["gpus"]
     assert plan["attainment"] >= 0.9 and plan["fits_cluster"]
     assert plan["baseline"]["kind"] == "colocated" and plan["speedup_per_gpu"] > 0
+    assert plan["baseline"]["deployed_goodput"] > 0 and plan["speedup_per_gpu_deployed"] > 0
 
 
 def test_plan_yaml_and_table(capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,3 +96,8 @@ def test_plan_is_deterministic_and_beats_the_colocated_baseline() -> None:
     assert a.attainment >= SLO_.attainment_target and a.fits_cluster
     assert a.baseline is not None and 0 < a.baseline.per_gpu_goodput < a.goodput_per_gpu
     assert a.goodput >= p.rate * 0.98  # the planned deployment sustains the target rate end to end
+    # The baseline replicated to the rate is simulated whole (least-loaded dispatch), not just multiplied out.
+    base = a.baseline
+    assert base.instances >= 1 and base.instances * base.goodput >= p.rate
+    assert base.deployed_goodput >= p.rate * 0.98
+    assert da["baseline"]["deployed_goodput_per_gpu"] == round(base.deployed_per_gpu_goodput, 4)
