@@ -68,6 +68,8 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     prof.add_argument("--weights", choices=["native", "fp16", "int8"], default="fp16",
                       help="linear weights, as the serving workers' <role>.weights (default %(default)s)")
+    prof.add_argument("--compile", action="store_true",
+                      help="decode-only steps as compiled graphs, as the workers' <role>.compile")
     prof.add_argument("--hardware", help="label for this machine (default: cpu-<arch>-<threads>t)")
     prof.set_defaults(func=_guard(run_profile))
 
@@ -175,7 +177,7 @@ def run_profile(args: argparse.Namespace) -> int:
                 tuple(args.decode_contexts), args.decode_steps, args.repeats)
     name = args.name or ("random" if args.model.startswith("random:") else model_key(args.model))
     config = EngineConfig(model=args.model, kv_cache_memory_gib=args.kv_cache_gib, num_threads=args.threads,
-                          dtype=args.dtype, weights=args.weights)
+                          dtype=args.dtype, weights=args.weights, compile=args.compile)
     model = profile_engine(config, grid, model_key(name), args.hardware, seed=0)
     for line in fit_report(model):
         print(line)
