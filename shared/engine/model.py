@@ -124,11 +124,11 @@ class Attention(nn.Module):
         return self.o_proj(out.view(T, c.q_size))
 
     def _decode_attention(self, q: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
-        # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
-        # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
         if step.paged:
             return torch.ops.distserve.paged_decode_attention(q, cache.data, self.layer_id, step.decode_block_tables,
                                                               step.decode_context_lens, self.config.head_dim ** -0.5)
+        # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
+        # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
         c = self.config
         B = q.shape[0]
         k, v = cache.gather(self.layer_id, step.decode_block_tables)  # [B, S, KVH, D]
