@@ -78,13 +78,23 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
       acc.assign(rows * head_dim, 0.f);
       scores.resize(rows * len);
 
+      // Token t's K (half = k_base) or V (half = v_base) row for all KV heads.
+      const scalar_t* const k_base = base;
+      const scalar_t* const v_base = base + kv_stride;
+      auto token = [&](const scalar_t* half, int64_t t) {
+        return half + table[t / block_size] * block_stride + (t % block_size) * token_stride;
+      };
+      // At a block's first token, ask for the sequence's next block: its stream starts early.
+      auto prefetch_next_block = [&](const scalar_t* half, int64_t t) {
+        if (t % block_size != 0 || t + block_size >= len) return;
+        const char* next = reinterpret_cast<const char*>(half + table[t / block_size + 1] * block_stride);
+        for (int64_t byte = 0; byte < kv_stride * int64_t(sizeof(scalar_t)); byte += 64)
+          __builtin_prefetch(next + byte);
+      };
+
       for (int64_t t = 0; t < len; ++t) {  // scores = q . K
-        const scalar_t* k_token = base + table[t / block_size] * block_stride + (t % block_size) * token_stride;
-        if (t % block_size == 0 && t + block_size < len) {  // the next block: start its stream early
-          const char* next = reinterpret_cast<const char*>(base + table[t / block_size + 1] * block_stride);
-          for (int64_t line = 0; line < kv_stride * int64_t(sizeof(scalar_t)); line += 64)
-            __builtin_prefetch(next + line);
-        }
+        prefetch_next_block(k_base, t);
+        const scalar_t* k_token = token(k_base, t);
         for (int64_t h = h0; h < h1; ++h) {
           const scalar_t* k = k_token + h * head_dim;
           for (int64_t g = 0; g < group; ++g) {
@@ -107,14 +117,8 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {  // out = p . V
-        const scalar_t* v_token =
-            base + kv_stride + table[t / block_size] * block_stride + (t % block_size) * token_stride;
-        if (t % block_size == 0 && t + block_size < len) {
-          const char* next =
-              reinterpret_cast<const char*>(base + kv_stride + table[t / block_size + 1] * block_stride);
-          for (int64_t line = 0; line < kv_stride * int64_t(sizeof(scalar_t)); line += 64)
-            __builtin_prefetch(next + line);
-        }
+        prefetch_next_block(v_base, t);
+        const scalar_t* v_token = token(v_base, t);
         for (int64_t h = h0; h < h1; ++h) {
           const scalar_t* v = v_token + h * head_dim;
           for (int64_t g = 0; g < group; ++g) {
