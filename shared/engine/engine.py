@@ -340,8 +340,11 @@ class LLMEngine:
         with self.lock:
             seq = self.importing.pop(request_id)
             staging = self.staging.pop(request_id, None)
-            if staging is not None:
-                self.cache.data.index_copy_(0, torch.tensor(seq.block_table), staging.to(self.cache.data.dtype))
+            if staging is not None:  # convert straight into the blocks: copy_ casts, no intermediate copy
+                start = 0
+                for view in self.cache.views(seq.block_table):
+                    view.copy_(staging[start:start + len(view)])
+                    start += len(view)
             seq.status = Status.RUNNING
             self.scheduler.running.append(seq)
 
