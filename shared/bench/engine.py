@@ -26,13 +26,14 @@ from rich.table import Table
 from shared.argtypes import positive_int, positive_ints
 from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine
-from shared.engine.quant import Fp16Linear
+from shared.engine.quant import Fp16Linear, PackedBf16Linear
 from shared.engine.sequence import SamplingParams
 
 # float32 weights; fp16 (FBGEMM) or weight-only int8 linear layers (shared/engine/quant.py); bfloat16
-# weights and KV
-VARIANTS = ("fp32", "fp16", "int8", "bf16")
-WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8", "bf16": "native"}
+# weights and KV, with the weights packed for oneDNN where the CPU allows (bf16) or not (bf16-plain)
+VARIANTS = ("fp32", "fp16", "int8", "bf16", "bf16-plain")
+WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8", "bf16": "native",
+                               "bf16-plain": "native"}
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def decode_weight_bytes(engine: LLMEngine) -> int:
     for name, module in engine.model.named_modules():
         if name in ("embed_tokens", "rotary"):
             continue
-        if isinstance(module, Fp16Linear):
+        if isinstance(module, (Fp16Linear, PackedBf16Linear)):
             total += module.weight_nbytes
+            continue  # a plain copy kept for compiled graphs is the same weight
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
@@ -159,7 +161,8 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console
     if args.compile:
         console.log(f"{variant}: compiling decode steps")
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=WEIGHTS[variant],
-                                    dtype="bfloat16" if variant == "bf16" else "float32",
+                                    dtype="bfloat16" if variant.startswith("bf16") else "float32",
+                                    pack_bf16=variant != "bf16-plain",
                                     max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
                                     kv_cache_memory_gib=args.kv_gib, compile=args.compile,
                                     paged_attention=not args.gather_attention))

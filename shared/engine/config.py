@@ -62,6 +62,7 @@ class EngineConfig:
     seed: int = 0  # random-model initialisation
     compile: bool = False  # decode-only steps as one torch.compile graph (compiled.py); compiles at start
     paged_attention: bool = True  # decode attention by a C++ kernel over the paged cache (else gather + SDPA)
+    pack_bf16: bool = True  # bfloat16 linear weights reordered once for oneDNN, where the CPU has its kernels
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "colocated"):

@@ -22,7 +22,7 @@ from shared.engine.kv_cache import BlockManager, KVCache
 from shared.engine.loader import load_model
 from shared.engine.model import ForwardBatch, PrefillSpan
 from shared.engine.model_files import model_display_name
-from shared.engine.quant import convert_linears_
+from shared.engine.quant import can_pack_bf16, convert_linears_, pack_bf16_linears_
 from shared.engine.sampler import sample
 from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import SamplingParams, Sequence, Status
@@ -95,6 +95,8 @@ class LLMEngine:
         self.model = load_model(config.model, dtype=dtype, seed=config.seed)
         if config.weights != "native":
             convert_linears_(self.model, config.weights)
+        elif dtype == torch.bfloat16 and config.pack_bf16 and can_pack_bf16():
+            pack_bf16_linears_(self.model, keep_plain=config.compile)  # compiled graphs need plain weights
         self.model_config: ModelConfig = self.model.config
         self.tokenizer: Tokenizer = load_tokenizer("default" if config.model.startswith("random:") else config.model)
         self.model_name = model_display_name(config.model)

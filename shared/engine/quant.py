@@ -105,6 +105,52 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class PackedBf16Linear(nn.Module):
+    """A bfloat16 linear layer whose weight is reordered once into oneDNN's blocked layout.
+
+    F.linear on a plain bf16 weight has oneDNN reorder the weight for its AMX / AVX-512-BF16 kernel
+    on every call: a prefill of 16 tokens spent 44 of its 58 ms in GEMMs reading weights at 6-7 GB/s.
+    Reordered once at load time the same GEMMs run 25-40% faster, with the same results bit for bit.
+    The reordered weight is an opaque MKLDNN tensor that torch.compile cannot trace, so the layer keeps
+    the plain weight too when the engine compiles its decode steps (compiled graphs use it).
+    """
+
+    def __init__(self, linear: nn.Linear, keep_plain: bool) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        self.weight = nn.Parameter(w, requires_grad=False) if keep_plain else None
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_nbytes = w.numel() * w.element_size()  # what an eager step reads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if self.weight is None:
+                raise RuntimeError("compiling a PackedBf16Linear built without keep_plain")
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=bf16 packed"
+
+
+def can_pack_bf16() -> bool:
+    """Whether this CPU has oneDNN bf16 kernels (AVX-512 BF16 or AMX) to pack weights for."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_bf16_linears_(model: nn.Module, keep_plain: bool) -> None:
+    """Replace every bf16 nn.Linear with a PackedBf16Linear, in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
+            setattr(model, name, PackedBf16Linear(child, keep_plain))
+        else:
+            pack_bf16_linears_(child, keep_plain)
+
+
 def convert_linears_(model: nn.Module, weights: Literal["fp16", "int8"]) -> None:
     """Replace every nn.Linear in place (the LM head too, untied; the embedding table stays float)."""
     for name, child in list(model.named_children()):

@@ -29,11 +29,12 @@ def single_sequence_batch(tokens: list[int], start: int, table: torch.Tensor) ->
     )
 
 
-def our_logits(model: Transformer, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
+def our_logits(model: Transformer, prompt: list[int], continuation: list[int],
+               dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """Logits of every prompt position (one prefill), then of each continuation token (decode steps)."""
     # Deliberately scattered, non-monotonic blocks: the block table must be honoured.
     table = torch.tensor([7, 2, 9, 0, 5, 3, 8, 1, 6, 4])
-    cache = KVCache(model.config, 10, BLOCK, torch.float32)
+    cache = KVCache(model.config, 10, BLOCK, dtype)
     out = [model(single_sequence_batch(prompt, 0, table), cache)]
     for i, tok in enumerate(continuation):
         out.append(model(single_sequence_batch([tok], len(prompt) + i, table), cache))

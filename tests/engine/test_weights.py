@@ -11,7 +11,14 @@ from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.engine.config import Weights
 from shared.engine.loader import load_model
 from shared.engine.model import Transformer
-from shared.engine.quant import Fp16Linear, Int8Linear, convert_linears_
+from shared.engine.quant import (
+    Fp16Linear,
+    Int8Linear,
+    PackedBf16Linear,
+    can_pack_bf16,
+    convert_linears_,
+    pack_bf16_linears_,
+)
 from shared.engine.tokenizer import load_tokenizer
 from tests.engine.conftest import run_to_completion
 from tests.engine.test_reference import our_logits
@@ -62,3 +69,32 @@ def test_packed_weights_need_float32() -> None:
     with pytest.raises(ValueError, match="weights must be"):
         EngineConfig(weights="fp8")  # type: ignore[arg-type]
 
+
+
+needs_bf16_kernels = pytest.mark.skipif(not can_pack_bf16(), reason="this CPU has no oneDNN bfloat16 kernels")
+
+
+@needs_bf16_kernels
+def test_packed_bf16_linears_give_the_plain_logits(fp32_model: Transformer) -> None:
+    ids = load_tokenizer("default").encode(TEXT)
+    plain = copy.deepcopy(fp32_model).to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    pack_bf16_linears_(packed, keep_plain=False)
+    assert isinstance(packed.lm_head, PackedBf16Linear) and packed.lm_head.weight is None
+    reference = torch.cat(our_logits(plain, ids[:-5], ids[-5:], torch.bfloat16))
+    got = torch.cat(our_logits(packed, ids[:-5], ids[-5:], torch.bfloat16))
+    assert (got.float() - reference.float()).abs().max() <= 1e-2 * reference.float().abs().max()
+    assert torch.equal(got.argmax(-1), reference.argmax(-1))
+
+
+@needs_bf16_kernels
+def test_bf16_engine_packs_its_weights_and_keeps_its_tokens() -> None:
+    prompt = load_tokenizer("default").encode(TEXT)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    tokens = []
+    for pack in (False, True):
+        engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, dtype="bfloat16", pack_bf16=pack))
+        assert isinstance(engine.model.lm_head, PackedBf16Linear) == pack
+        engine.add_request("r", prompt, params)
+        tokens.append(run_to_completion(engine)["r"])
+    assert tokens[0] == tokens[1]
