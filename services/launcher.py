@@ -26,6 +26,7 @@ from types import FrameType
 import httpx
 
 from shared.config import COMMON_FLAGS, GATEWAY_FLAGS, Settings, add_config_flag, add_flags, settings_from_args
+from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, parse_cpu_list, pin_process
 from shared.engine.model_files import cache_dir
 from shared.servers import NatsServer, RedisServer, ServerProcess
 
@@ -52,6 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="colocated workers (--mode colocated)")
     parser.add_argument("--chunked-prefill", dest="cfg:colocated.chunked_prefill", action="store_true", default=None,
                         help="colocated workers mix prefill chunks with decodes (Sarathi-Serve)")
+    parser.add_argument("--pin-workers", dest="cfg:pin_workers", action="store_true", default=None,
+                        help="pin each worker to CPUs of its own, in start order (prefill, then decode)")
+    parser.add_argument("--service-cpus", dest="cfg:service_cpus", type=parse_cpu_list, default=None,
+                        help="CPUs for the gateway, NATS and Redis, e.g. 1 or 0,2-3 (default: any)")
     parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=run)
 
@@ -78,6 +83,12 @@ def split_threads(settings: Settings, num_workers: int, cores: int) -> Settings:
     return settings.model_copy(update=updates)
 
 
+def worker_threads(settings: Settings, role: str) -> int:
+    threads = getattr(settings, role).num_threads
+    assert threads is not None  # split_threads has run
+    return int(threads)
+
+
 def check_counts(settings: Settings) -> None:
     if settings.mode == "colocated" and settings.colocated_instances < 1:
         raise ValueError("--mode colocated needs --workers >= 1")
@@ -96,20 +107,28 @@ class Stack:
         self.stopping = False
 
     def start(self) -> None:
-        s = self.settings
+        """Servers, workers, gateway; RuntimeError if the settings cannot be met here (e.g. pinning)."""
+        workers = worker_names(self.settings)
+        s = split_threads(self.settings, len(workers), len(available_cpus()))
+        try:
+            if s.service_cpus is not None:
+                check_cpus(s.service_cpus)
+            pinned = (assign_worker_cpus([worker_threads(s, role) for role, _ in workers], available_cpus())
+                      if s.pin_workers else [None] * len(workers))
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from None
         updates: dict[str, str] = {}
         if s.nats_url is None:
             updates["nats_url"] = self._server(NatsServer()).url
         if s.redis_url is None:
             updates["redis_url"] = self._server(RedisServer()).url
-        workers = worker_names(s)
-        s = split_threads(s.model_copy(update=updates), len(workers), os.cpu_count() or 1)
+        s = s.model_copy(update=updates)
         self.settings = s
         config = Path(self._dir.name) / "settings.json"
         config.write_text(s.model_dump_json())
-        for role, instance_id in workers:
-            self._spawn(instance_id, [role, "--config", str(config), "--instance-id", instance_id])
-        self._spawn("gateway", ["gateway", "--config", str(config)])
+        for (role, instance_id), cpus in zip(workers, pinned, strict=True):
+            self._spawn(instance_id, [role, "--config", str(config), "--instance-id", instance_id], cpus)
+        self._spawn("gateway", ["gateway", "--config", str(config)], s.service_cpus)
         if self.announce:
             stack_file().parent.mkdir(parents=True, exist_ok=True)
             stack_file().write_text(json.dumps({"gateway": self.url, "nats_url": s.nats_url,
@@ -122,15 +141,19 @@ class Stack:
     def _server(self, server: ServerProcess) -> ServerProcess:
         server.start()
         self.servers.append(server)
+        if self.settings.service_cpus is not None and server.pid is not None:
+            pin_process(server.pid, self.settings.service_cpus)
         log.info("%s listening on %s (pid %d)", server.name, server.url, server.pid)
         return server
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], cpus: list[int] | None = None) -> None:
         env = {**os.environ, "DISTSERVE_LOG_LEVEL": self.log_level}
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+        if cpus is not None:  # before the interpreter starts any thread: later ones inherit the CPUs
+            pin_process(proc.pid, cpus)
         self.children.append(Child(name, proc))
-        log.info("started %s (pid %d)", name, proc.pid)
+        log.info("started %s (pid %d%s)", name, proc.pid, f", CPUs {cpus}" if cpus is not None else "")
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)

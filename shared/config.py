@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     decode_instances: int = Field(default=1, ge=0)
     colocated_instances: int = Field(default=1, ge=0)
     request_ttl_s: int = Field(default=3600, ge=1, description="how long Redis keeps a request's state")
+    pin_workers: bool = Field(default=False, description="`up` pins each worker to CPUs of its own (shared/cpus.py)")
+    service_cpus: list[int] | None = Field(default=None, description="CPUs `up` pins the gateway, NATS and Redis to")
     gateway: GatewaySettings = GatewaySettings()
     worker: WorkerSettings = WorkerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
@@ -117,6 +119,13 @@ class Settings(BaseSettings):
         if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
             raise ValueError("redis_url must look like redis://host:port/db")
         return url
+
+    @field_validator("service_cpus")
+    @classmethod
+    def _cpus(cls, cpus: list[int] | None) -> list[int] | None:
+        if cpus is not None and (not cpus or min(cpus) < 0):
+            raise ValueError("service_cpus must list CPU numbers >= 0")
+        return cpus
 
     @model_validator(mode="after")
     def _roles(self) -> Settings:

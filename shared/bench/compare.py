@@ -45,6 +45,7 @@ from shared.bench.serve import (
     workload_from_args,
 )
 from shared.config import EngineSettings, Settings, load_settings
+from shared.cpus import available_cpus, pin_process
 from shared.state import read_request, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
@@ -74,10 +75,17 @@ class EngineKnobs:
     compile: bool = False  # decode-only steps as compiled graphs in every worker (EngineSettings.compile)
     dtype: str = "float32"  # every worker's (EngineSettings.dtype); a bfloat16 worker keeps bfloat16 weights
     prefill_dtype: str | None = None  # disagg's prefill worker only (None: dtype), e.g. bfloat16 on AMX CPUs
+    pin: bool = False  # workers on CPUs of their own; the services (and this client) on the last worker's
+
+    def service_cpus(self) -> list[int]:
+        """Where the gateway, NATS, Redis and the load generator run when pinned: the last worker's CPU."""
+        return [available_cpus()[self.cores - 1]]
 
     def __post_init__(self) -> None:
         if self.cores < 2 or self.cores % 2:
             raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
+        if self.pin and self.cores > len(available_cpus()):
+            raise ValueError(f"--pin with --cores {self.cores} needs that many CPUs; {len(available_cpus())} available")
         if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
             raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
         for dtype in (self.dtype, self.prefill_dtype or self.dtype):
@@ -99,6 +107,12 @@ def parse_deployments(text: str) -> tuple[str, ...]:
 
 def deployment_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
     """The settings overrides (load_settings' nested dict) that make deployment ``name``."""
+    pinning = {"pin_workers": True, "service_cpus": knobs.service_cpus()} if knobs.pin else {}
+    return {**worker_overrides(name, knobs), **pinning}
+
+
+def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
+    """The workers of deployment ``name``: how many, in which role, with which engine settings."""
     half, whole = knobs.cores // 2, knobs.cores
 
     def engine_in(dtype: str) -> dict[str, Any]:
@@ -261,9 +275,12 @@ def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requ
     from services.launcher import Stack  # the services are only needed when a comparison runs
 
     stack = Stack(settings, args.log_level, announce=False)
+    own_cpus = available_cpus()
     try:
         t0 = time.monotonic()
         stack.start()
+        if settings.service_cpus is not None:  # the load generator would preempt a worker as the services do
+            pin_process(os.getpid(), settings.service_cpus)
         stack.wait_ready(args.ready_timeout)
         say(f"{name}: ready in {time.monotonic() - t0:.0f} s at {stack.url}")
         model = asyncio.run(discover_model(stack.url))
@@ -283,6 +300,7 @@ def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requ
         return Measured(records, split_by_run(timelines, run_starts))
     finally:
         stack.stop()
+        pin_process(os.getpid(), own_cpus)
 
 
 async def warm_up(client: ClientConfig, n: int) -> None:
@@ -324,6 +342,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="every worker's dtype; bfloat16 workers keep bfloat16 weights (default %(default)s)")
     p.add_argument("--prefill-dtype", choices=["float32", "bfloat16"],
                    help="disagg's prefill worker's dtype (default: --dtype); its KV is converted on import")
+    p.add_argument("--pin", action="store_true",
+                   help="pin each worker to its own CPUs, and the gateway, NATS, Redis and this load generator to "
+                        "the last worker's (Settings.pin_workers, service_cpus)")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
     p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
@@ -340,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                             chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
-                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype)
+                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype, pin=args.pin)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")

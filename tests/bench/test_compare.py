@@ -29,6 +29,7 @@ from shared.bench.compare import (
 )
 from shared.bench.metrics import RequestRecord
 from shared.bench.serve import analyze
+from shared.cpus import available_cpus
 from shared.servers import RedisServer
 from shared.state import StateWriter
 from shared.workloads import SLO, WorkloadRequest
@@ -167,3 +168,14 @@ async def test_fetch_timelines_reads_the_newest_request_states(redis_server: Red
     states = await fetch_timelines(redis_server.url, 2)
     assert [s["request_id"] for s in states] == ["cmp-2", "cmp-1"]
     assert float(states[0]["prefill_start"]) - float(states[0]["arrived"]) == pytest.approx(0.5)
+
+
+def test_pinned_deployments_keep_the_services_on_the_last_workers_cpu() -> None:
+    cpus = available_cpus()
+    if len(cpus) < 2:
+        pytest.skip("pinning two workers needs two CPUs")
+    s = deployment_settings("disagg", EngineKnobs(pin=True), 9123, SLO_)
+    assert s.pin_workers and s.service_cpus == [cpus[1]]
+    assert not deployment_settings("disagg", EngineKnobs(), 9123, SLO_).pin_workers
+    with pytest.raises(ValueError, match="--pin"):
+        EngineKnobs(pin=True, cores=len(cpus) + 2 - len(cpus) % 2)

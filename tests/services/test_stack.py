@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import re
 import time
 
@@ -12,10 +13,11 @@ import openai
 import pytest
 
 from services.launcher import Stack
-from shared.config import EngineSettings
+from shared.config import EngineSettings, load_settings
+from shared.cpus import available_cpus
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
-from shared.servers import NatsServer, RedisServer, process_alive
-from tests.services.conftest import start_stack
+from shared.servers import NatsServer, RedisServer, free_port, process_alive
+from tests.services.conftest import KV_GIB, start_stack
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The three primary colors are"
@@ -213,6 +215,39 @@ def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServe
             stack.stop()
 
 
+@pytest.mark.skipif(len(available_cpus()) < 2, reason="pinning two workers needs two CPUs")
+def test_pinned_stack_keeps_every_process_on_its_cpus() -> None:
+    """`up --pin-workers --service-cpus`: each worker alone on its CPU, the gateway and servers elsewhere."""
+    first, last = available_cpus()[0], available_cpus()[-1]
+    engine = {"kv_cache_memory_gib": KV_GIB, "num_threads": 1}
+    stack = Stack(load_settings({"gateway": {"port": free_port()}, "prefill": engine, "decode": engine,
+                                 "pin_workers": True, "service_cpus": [last]}), "WARNING", announce=False)
+    try:
+        stack.start()  # its own nats-server and redis-server, pinned too
+        stack.wait_ready(300)
+        reply = client(stack).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+        assert "Paris" in (reply.choices[0].message.content or "")
+        expected = {"prefill-0": first, "decode-0": available_cpus()[1], "gateway": last}
+        pids = {c.name: c.proc.pid for c in stack.children} | {s.name: s.pid for s in stack.servers}
+        assert set(pids) == {*expected, "nats-server", "redis-server"}
+        for name, pid in pids.items():
+            for tid in os.listdir(f"/proc/{pid}/task"):  # threads started after the pinning too
+                assert os.sched_getaffinity(int(tid)) == {expected.get(name, last)}, name
+    finally:
+        stack.stop()
+
+
+def test_pinning_more_threads_than_cpus_fails_before_anything_starts() -> None:
+    engine = {"num_threads": len(available_cpus())}
+    stack = Stack(load_settings({"prefill": engine, "decode": engine, "pin_workers": True}), "WARNING",
+                  announce=False)
+    with pytest.raises(RuntimeError, match="needs as many CPUs"):
+        stack.start()
+    assert not stack.servers and not stack.children
+    stack.stop()
+
+
 def test_no_workers_is_503(redis_server: RedisServer) -> None:
     with NatsServer() as nats:
         stack = start_stack_without_workers(nats, redis_server)
@@ -225,9 +260,6 @@ def test_no_workers_is_503(redis_server: RedisServer) -> None:
 
 
 def start_stack_without_workers(nats: NatsServer, redis: RedisServer) -> Stack:
-    from shared.config import load_settings
-    from shared.servers import free_port
-
     settings = load_settings({"nats_url": nats.url, "redis_url": redis.url, "prefill_instances": 0,
                               "decode_instances": 0, "gateway": {"port": free_port()}})
     stack = Stack(settings, "WARNING", announce=False)

@@ -1,0 +1,58 @@
+"""CPU pinning for a stack on one machine: each worker on cores of its own, the services elsewhere.
+
+Why: on a machine with few cores the gateway, NATS, Redis and any client on it wake many times a
+second and preempt whichever worker shares their core. On 2 cores, under a chatbot load of 16-18
+req/s, a prefill worker's steps ran 1.3-1.4x slower than the same steps alone; pinned alone on its
+core, with everything else on the other, 1.02-1.06x (docs/benchmarks.md). Pinning is opt-in
+(`Settings.pin_workers`, `Settings.service_cpus`): which phase can best share its cores with the
+services depends on the workload and the SLOs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+
+def available_cpus() -> list[int]:
+    """The CPUs this process may run on, in order."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3] (the format of taskset and /sys); ValueError for anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        bounds = part.strip().split("-")
+        if len(bounds) > 2 or not all(b.isdigit() for b in bounds) or int(bounds[0]) > int(bounds[-1]):
+            raise ValueError(f"not a CPU list: {text!r} (expected e.g. 1 or 0,2-3)")
+        cpus.update(range(int(bounds[0]), int(bounds[-1]) + 1))
+    return sorted(cpus)
+
+
+def assign_worker_cpus(threads: Sequence[int], cpus: Sequence[int]) -> list[list[int]]:
+    """Consecutive CPUs for each worker, as many as its threads; ValueError if they do not fit."""
+    if sum(threads) > len(cpus):
+        raise ValueError(f"pinning {len(threads)} workers with {sum(threads)} threads in all needs as many CPUs; "
+                         f"this process may use {len(cpus)} ({','.join(map(str, cpus))})")
+    out, start = [], 0
+    for n in threads:
+        out.append(list(cpus[start:start + n]))
+        start += n
+    return out
+
+
+def check_cpus(cpus: Sequence[int]) -> None:
+    unknown = sorted(set(cpus) - set(available_cpus()))
+    if unknown:
+        raise ValueError(f"CPU(s) {unknown} are not available here (available: {available_cpus()})")
+
+
+def pin_process(pid: int, cpus: Sequence[int]) -> None:
+    """Pin every thread of process ``pid`` (threads it starts later inherit their creator's CPUs)."""
+    for _ in range(2):  # a second pass catches a thread started by a not yet pinned one
+        with contextlib.suppress(FileNotFoundError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(tid), cpus)
