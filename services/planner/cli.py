@@ -84,6 +84,9 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
     sim.add_argument("--prefill-budget", type=positive_int, default=2048, help="the workers' max_num_batched_tokens")
     sim.add_argument("--max-batch", type=positive_int, default=64, help="the workers' max_num_seqs")
+    sim.add_argument("--server-side", action="store_true",
+                     help="measure TTFT/TPOT as the gateway stamped them (timelines.json beside requests.json, "
+                          "from `bench compare`), not as the load generator saw them")
     sim.set_defaults(func=_guard(run_simulate))
 
     from services.planner.service import register_service
@@ -193,7 +196,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from services.planner.replay import load_runs, replay
+    from services.planner.replay import load_runs, replay, server_runs
     from services.planner.simulator import Colocated, Disaggregated, Parallel
 
     models = load_profiles(args.profile)
@@ -204,10 +207,13 @@ def run_simulate(args: argparse.Namespace) -> int:
     deployment = (Disaggregated(one, 1, one, 1) if args.deployment == "disagg"
                   else Colocated(one, args.instances))
     slo = SLO(args.ttft, args.tpot)
-    points = replay(load_runs(Path(args.requests)), deployment, model, slo,
+    requests = Path(args.requests)
+    runs = server_runs(requests.parent / "timelines.json") if args.server_side else load_runs(requests)
+    points = replay(runs, deployment, model, slo,
                     Limits(prefill_token_budget=args.prefill_budget, max_batch=args.max_batch))
-    table = Table(title=f"{args.deployment}: SLO attainment measured vs simulated with {model.hardware} profile "
-                        f"(TTFT {args.ttft:g} s, TPOT {args.tpot:g} s)")
+    seen_by = "the gateway" if args.server_side else "the client"
+    table = Table(title=f"{args.deployment}: SLO attainment measured (by {seen_by}) vs simulated with "
+                        f"{model.hardware} profile (TTFT {args.ttft:g} s, TPOT {args.tpot:g} s)")
     for column in ("rate", "requests", "measured", "simulated", "error (pp)", "TTFT p50 ms measured / simulated",
                    "TPOT p50 ms measured / simulated"):
         table.add_column(column, justify="right")

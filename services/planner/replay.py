@@ -5,6 +5,11 @@ sent, the server's prompt token count, the tokens it generated, and its measured
 The same requests, at the same send times and with the same lengths, go through the simulator with
 a latency profile of this machine (`distserve profile`); the SLO attainment it predicts is set next
 to the attainment that was measured.
+
+`bench compare` also writes timelines.json: the same requests as the services stamped them in Redis.
+`server_runs` turns those into rows of the same shape, with TTFT and TPOT as the gateway saw them
+(from a request's arrival to its first token, and from there to its last): the system's latencies
+without the load generator's own, which on a small machine competes with the services for CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +56,32 @@ def load_runs(path: Path) -> dict[float, list[Mapping[str, Any]]]:
             runs.setdefault(rate, []).append(row)
     if not runs:
         raise ValueError(f"{path} has no requests sent at a finite rate")
+    return runs
+
+
+def server_runs(path: Path) -> dict[float, list[Mapping[str, Any]]]:
+    """timelines.json (rate -> request states) as requests.json-like rows, timed by the gateway's stamps."""
+    runs: dict[float, list[Mapping[str, Any]]] = {}
+    for rate, states in json.loads(path.read_text()).items():
+        rows = []
+        for st in states:
+            if "arrived" not in st or "prompt_tokens" not in st:
+                continue
+            arrived = float(st["arrived"])
+            first, finish = st.get("first_token"), st.get("finish")
+            outputs = int(st.get("output_tokens", 0))
+            ok = st.get("status") == "finished" and first is not None
+            rows.append({
+                "rate": float(rate), "sent_s": arrived, "prompt_tokens": int(st["prompt_tokens"]),
+                "input_tokens": int(st["prompt_tokens"]), "output_tokens": outputs,
+                "expected_output_tokens": int(st.get("max_tokens", 1)),
+                "ttft": float(first) - arrived if ok else None,
+                "tpot": (float(finish) - float(first)) / (outputs - 1) if ok and finish and outputs > 1 else None,
+            })
+        if rows and math.isfinite(float(rate)):
+            runs[float(rate)] = rows
+    if not runs:
+        raise ValueError(f"{path} has no request timelines")
     return runs
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.cli import main
-from services.planner.replay import load_runs, measured_attainment, replay, trace_of
+from services.planner.replay import load_runs, measured_attainment, replay, server_runs, trace_of
 from services.planner.simulator import Disaggregated, Limits, Parallel, simulate
 from services.planner.workload import Trace
 from shared.workloads import SLO
@@ -69,3 +69,37 @@ def test_simulate_command_prints_the_comparison(tmp_path: Path, capsys: pytest.C
     assert code == 0 and "largest difference: 0.0 percentage points" in out
     assert main(["simulate", "--profile", str(tmp_path / "nope.json"), "--requests", "x", "--ttft", "1",
                  "--tpot", "1"]) == 2
+
+
+def test_server_side_rows_come_from_the_gateways_stamps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """timelines.json (what the services wrote in Redis) replays like requests.json, timed by the gateway."""
+    rows = recorded_run(20.0, 100, 4)
+    states = [{"status": "finished", "arrived": str(r["sent_s"]), "prompt_tokens": str(r["prompt_tokens"]),
+               "max_tokens": "64", "output_tokens": str(r["output_tokens"]),
+               "first_token": str(r["sent_s"] + r["ttft"]),  # type: ignore[operator]
+               "finish": str(r["sent_s"] + r["ttft"] + (r["tpot"] or 0) * (r["output_tokens"] - 1))}  # type: ignore
+              for r in rows]
+    states.append({"status": "failed", "arrived": "9.0", "prompt_tokens": "12", "max_tokens": "8"})
+    states.append({"status": "queued"})  # never reached the gateway's bookkeeping: not a request to replay
+    (tmp_path / "timelines.json").write_text(json.dumps({"20.0": states}))
+    (run,) = server_runs(tmp_path / "timelines.json").values()
+    assert len(run) == 101 and run[-1]["ttft"] is None  # the failed one counts as a miss
+    for got, want in zip(run, rows, strict=False):
+        assert got["ttft"] == pytest.approx(want["ttft"]) and got["sent_s"] == want["sent_s"]
+        assert (got["tpot"] is None) == (want["tpot"] is None)
+    assert measured_attainment(run, SLO_) == pytest.approx(measured_attainment(rows, SLO_) * 100 / 101)
+
+    from services.planner.latency import save_profiles
+
+    save_profiles(tmp_path / "profile.json", [toy_model(tps=(1,))])
+    (tmp_path / "requests.json").write_text(json.dumps([{"rate": "inf"}]))  # the client's view is not read
+    assert main(["simulate", "--profile", str(tmp_path / "profile.json"), "--requests",
+                 str(tmp_path / "requests.json"), "--ttft", "0.1", "--tpot", "0.02", "--server-side"]) == 0
+    assert "by the gateway" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no request timelines"):
+        server_runs(_write(tmp_path / "empty.json", {"20.0": [{"status": "queued"}]}))
+
+
+def _write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
