@@ -63,7 +63,7 @@ def server_runs(path: Path) -> dict[float, list[Mapping[str, Any]]]:
     """timelines.json (rate -> request states) as requests.json-like rows, timed by the gateway's stamps."""
     runs: dict[float, list[Mapping[str, Any]]] = {}
     for rate, states in json.loads(path.read_text()).items():
-        rows = []
+        rows: list[Mapping[str, Any]] = []
         for st in states:
             if "arrived" not in st or "prompt_tokens" not in st:
                 continue
