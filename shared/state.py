@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -144,6 +145,33 @@ async def read_request(client: aioredis.Redis, request_id: str) -> dict[str, str
 async def recent_requests(client: aioredis.Redis, count: int = 20) -> list[str]:
     ids = await client.zrevrange(INDEX_KEY, 0, count - 1)
     return [_text(r) for r in ids if isinstance(r, bytes | str)]
+
+
+# Engine steps each worker served (shared.engine.StepRecord as JSON), one list per worker, newest last:
+# what `distserve profile --refit` fits a latency profile to.
+STEPS_KEY_PREFIX = "distserve:steps:"
+STEPS_MAX = 20_000
+
+
+def steps_key(role: str, instance_id: str) -> str:
+    return f"{STEPS_KEY_PREFIX}{role}:{instance_id}"
+
+
+async def push_steps(client: aioredis.Redis, key: str, records: list[str], ttl_s: int) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.rpush(key, *records)
+        pipe.ltrim(key, -STEPS_MAX, -1)
+        pipe.expire(key, ttl_s)
+        await pipe.execute()
+
+
+async def read_steps(client: aioredis.Redis) -> dict[str, list[dict[str, Any]]]:
+    """Every worker's recorded steps, by '<role>:<instance id>'."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    async for key in client.scan_iter(match=STEPS_KEY_PREFIX + "*"):
+        name = _text(key)[len(STEPS_KEY_PREFIX):]
+        out[name] = [json.loads(_text(r)) for r in await client.lrange(key, 0, -1)]
+    return out
 
 
 def _text(value: bytes | str) -> str:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import nats
@@ -30,13 +31,14 @@ from shared import protocol as p
 from shared.config import EngineSettings, Settings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
 from shared.protocol import M
-from shared.state import StateWriter
+from shared.state import StateWriter, push_steps, steps_key
 from shared.telemetry import Tracing
 from shared.transfer import KVTransport, create_transport
 
 log = logging.getLogger(__name__)
 
 _REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
+_STEP_RECORDS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -131,6 +133,8 @@ class Worker(ABC):
         await self.subscribe()
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
+        if self.redis is not None:
+            self.spawn(self._step_records_loop(self.redis))
         await self.report()
         log.info("%s ready: model %s, %d KV blocks, max_model_len %d", self.instance_id, self.engine.model_name,
                  self.runner.stats.total_blocks, self.engine.max_model_len)
@@ -265,6 +269,19 @@ class Worker(ABC):
         self._report_pending = True
         delay = max(0.0, self._last_report + _REPORT_MIN_INTERVAL_S - time.monotonic())
         asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self.report()))
+
+    async def _step_records_loop(self, client: aioredis.Redis) -> None:
+        """Every second, the engine's new step records to Redis (for `distserve profile --refit`)."""
+        key = steps_key(self.role, self.instance_id)
+        while True:
+            await asyncio.sleep(_STEP_RECORDS_INTERVAL_S)
+            records = await self.engine_call(lambda e: e.take_step_records())
+            if not records:
+                continue
+            try:
+                await push_steps(client, key, [json.dumps(asdict(r)) for r in records], self.settings.request_ttl_s)
+            except Exception as exc:  # state is best effort: never the worker's failure
+                log.warning("%s: step records not written: %s", self.instance_id, exc)
 
     async def _heartbeat_loop(self) -> None:
         while True:

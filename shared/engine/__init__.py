@@ -1,10 +1,10 @@
 """The inference engine: one API for the prefill, decode and colocated roles (docs/engine-api.md)."""
 
 from shared.engine.config import EngineConfig, ModelConfig, Role
-from shared.engine.engine import EngineStats, KVExport, KVMeta, LLMEngine, StepOutput
+from shared.engine.engine import EngineStats, KVExport, KVMeta, LLMEngine, StepOutput, StepRecord
 from shared.engine.sequence import SamplingParams
 
 __all__ = [
     "EngineConfig", "EngineStats", "KVExport", "KVMeta", "LLMEngine", "ModelConfig", "Role",
-    "SamplingParams", "StepOutput",
+    "SamplingParams", "StepOutput", "StepRecord",
 ]

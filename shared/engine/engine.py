@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,8 @@ from shared.engine.sequence import SamplingParams, Sequence, Status
 from shared.engine.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+STEP_RECORDS = 4096  # steps kept for take_step_records (about 7 minutes of busy steps)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -74,6 +78,17 @@ class KVMeta(BaseModel):
     @property
     def nbytes(self) -> int:
         return self.num_blocks * self.block_nbytes
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step as the latency model sees it (services/planner/latency.py), timed whole."""
+
+    ended: float  # wall-clock time the step ended
+    seconds: float  # scheduling, forward pass, sampling and outputs: what the profiler times
+    prefill_lengths: tuple[int, ...]  # tokens computed for each prefilling sequence
+    decode_batch: int  # sequences decoding one token
+    decode_context: int  # their context lengths summed (positions attended, the new one included)
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,8 @@ class LLMEngine:
         self._stepping = threading.Lock()  # one forward pass at a time
         self._in_flight: frozenset[str] = frozenset()  # requests in the forward pass now
         self._abort_after_step: set[str] = set()  # aborted while in flight: freed when the step ends
+        # The latest steps, for fitting a latency profile to the steps served (take_step_records)
+        self.step_records: deque[StepRecord] = deque(maxlen=STEP_RECORDS)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -195,6 +212,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         with self._stepping:
+            started = time.perf_counter()
             with self.lock:
                 scheduled = self.scheduler.schedule()
                 if not scheduled:
@@ -217,7 +235,20 @@ class LLMEngine:
                            if seq.request_id not in aborted]
                 for request_id in aborted:
                     self.abort(request_id)
+                self._record(scheduled, time.perf_counter() - started)
                 return outputs
+
+    def _record(self, scheduled: ScheduledBatch, seconds: float) -> None:
+        decodes = [seq.num_computed_tokens for seq, n in scheduled if n == 1]  # already counts the new token
+        self.step_records.append(StepRecord(time.time(), seconds, tuple(n for _, n in scheduled if n > 1),
+                                            len(decodes), sum(decodes)))
+
+    def take_step_records(self) -> list[StepRecord]:
+        """The steps recorded since the last call (at most STEP_RECORDS of them)."""
+        with self.lock:
+            records = list(self.step_records)
+            self.step_records.clear()
+            return records
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         if self.compiled is not None and self.compiled.covers(batch):
