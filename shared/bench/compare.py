@@ -46,7 +46,7 @@ from shared.bench.serve import (
 )
 from shared.config import EngineSettings, Settings, load_settings
 from shared.cpus import available_cpus, pin_process
-from shared.state import read_request, recent_requests
+from shared.state import read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
 # name -> what it runs on `cores` cores (each role's threads are set explicitly, never shared).
@@ -56,6 +56,7 @@ DEPLOYMENTS: dict[str, str] = {
     "colocated-2x1": "2 colocated workers, half the cores each",
     "chunked": "1 colocated worker with chunked prefill (Sarathi-Serve) on all the cores",
 }
+STEP_FLUSH_S = 1.5  # a little more than the workers' interval between step-record writes
 COLOCATED = ("colocated", "colocated-2x1")  # the baselines of the ratio: the better one counts
 DISAGGREGATED = "disagg"
 
@@ -187,6 +188,17 @@ def phase_breakdown(timelines: Sequence[Mapping[str, str]]) -> dict[str, dict[st
     return out
 
 
+async def fetch_steps(redis_url: str, since: float) -> dict[str, list[dict[str, Any]]]:
+    """The engine steps each worker recorded (shared.state.read_steps) that ended after ``since``."""
+    await asyncio.sleep(STEP_FLUSH_S)  # workers push their records every second
+    client = aioredis.from_url(redis_url)
+    try:
+        return {name: [r for r in records if r["ended"] >= since]
+                for name, records in (await read_steps(client)).items()}
+    finally:
+        await client.aclose()
+
+
 async def fetch_timelines(redis_url: str, count: int) -> list[dict[str, str]]:
     """The ``count`` most recent request states of a stack (id added as 'request_id')."""
     client = aioredis.from_url(redis_url)
@@ -267,6 +279,7 @@ def plot_all(results: Sequence[BenchResult], slo: SLO, scale_rate: float, out: P
 class Measured:
     records: dict[float, list[RequestRecord]]
     timelines: dict[float, list[Mapping[str, str]]]
+    steps: dict[str, list[dict[str, Any]]]  # each worker's engine steps during the sweep, by role:instance
 
 
 def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[WorkloadRequest],
@@ -297,7 +310,8 @@ def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requ
         total = sum(len(rs) for rs in records.values()) + args.warmup
         assert stack.settings.redis_url is not None  # the stack started its own
         timelines = asyncio.run(fetch_timelines(stack.settings.redis_url, total))
-        return Measured(records, split_by_run(timelines, run_starts))
+        steps = asyncio.run(fetch_steps(stack.settings.redis_url, run_starts[0][1] if run_starts else 0.0))
+        return Measured(records, split_by_run(timelines, run_starts), steps)
     finally:
         stack.stop()
         pin_process(os.getpid(), own_cpus)
@@ -390,6 +404,7 @@ def main(args: argparse.Namespace) -> int:
                 "sweep": asdict(sweep_from_args(args)), "phases": breakdown}
         save(result, out / name, meta, with_plots=False)
         (out / name / "timelines.json").write_text(json.dumps(measured.timelines, indent=1) + "\n")
+        (out / name / "steps.json").write_text(json.dumps(measured.steps) + "\n")
         print_result(result, console)
         console.print(phase_table(name, breakdown))
         results.append(result)

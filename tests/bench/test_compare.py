@@ -4,6 +4,7 @@ Redis timelines into runs and phases, the goodput ratio, and the combined plots 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from shared.bench.compare import (
     common_scale_rate,
     comparison_table,
     deployment_settings,
+    fetch_steps,
     fetch_timelines,
     goodput_ratio,
     main,
@@ -31,7 +33,7 @@ from shared.bench.metrics import RequestRecord
 from shared.bench.serve import analyze
 from shared.cpus import available_cpus
 from shared.servers import RedisServer
-from shared.state import StateWriter
+from shared.state import StateWriter, push_steps, steps_key
 from shared.workloads import SLO, WorkloadRequest
 
 SLO_ = SLO(ttft_s=1.0, tpot_s=0.1)
@@ -168,6 +170,17 @@ async def test_fetch_timelines_reads_the_newest_request_states(redis_server: Red
     states = await fetch_timelines(redis_server.url, 2)
     assert [s["request_id"] for s in states] == ["cmp-2", "cmp-1"]
     assert float(states[0]["prefill_start"]) - float(states[0]["arrived"]) == pytest.approx(0.5)
+
+
+async def test_fetch_steps_keeps_the_sweeps_steps_of_every_worker(redis_server: RedisServer) -> None:
+    client = aioredis.from_url(redis_server.url)
+    step = {"seconds": 0.1, "prefill_lengths": [], "decode_batch": 2, "decode_context": 40}
+    await push_steps(client, steps_key("decode", "cmp-decode"), [json.dumps({**step, "ended": t}) for t in (5, 15)], 60)
+    await push_steps(client, steps_key("prefill", "cmp-prefill"), [json.dumps({**step, "ended": 20})], 60)
+    await client.aclose()
+    steps = await fetch_steps(redis_server.url, since=10)
+    assert [r["ended"] for r in steps["decode:cmp-decode"]] == [15]  # the warm-up's step is left out
+    assert [r["ended"] for r in steps["prefill:cmp-prefill"]] == [20]
 
 
 def test_pinned_deployments_keep_the_services_on_the_last_workers_cpu() -> None:
