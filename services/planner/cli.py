@@ -71,6 +71,12 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--compile", action="store_true",
                       help="decode-only steps as compiled graphs, as the workers' <role>.compile")
     prof.add_argument("--hardware", help="label for this machine (default: cpu-<arch>-<threads>t)")
+    prof.add_argument("--refit", metavar="PROFILE",
+                      help="instead of measuring: fit this profile's step formulas to the steps a stack served "
+                           "(--steps)")
+    prof.add_argument("--steps", metavar="STEPS_JSON", help="steps.json written by `bench compare` (with --refit)")
+    prof.add_argument("--workers", type=lambda t: [w for w in t.split(",") if w], default=[],
+                      help="with --refit: only these workers' steps, e.g. prefill-0,decode-0 (default: all)")
     prof.set_defaults(func=_guard(run_profile))
 
     sim = subparsers.add_parser("simulate", help="simulator vs reality: replay a measured run (requests.json) "
@@ -174,6 +180,9 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_profile(args: argparse.Namespace) -> int:
     from services.planner.profiler import Grid, fit_report, profile_engine
+
+    if args.refit or args.steps:
+        return run_refit(args)
     from shared.engine import EngineConfig
 
     grid = Grid(tuple(args.prefill_lengths), tuple(args.prefill_batches), tuple(args.decode_batches),
@@ -187,6 +196,29 @@ def run_profile(args: argparse.Namespace) -> int:
     save_profiles(args.out, [model])
     print(f"saved profile of {model.model} on {model.hardware} to {args.out} "
           f"(use: distserve plan --profile {args.out} --model {model.model} ...)")
+    return 0
+
+
+def run_refit(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from services.planner.profiler import fit_report, refit_to_steps
+
+    if not (args.refit and args.steps):
+        raise ValueError("--refit PROFILE and --steps STEPS_JSON go together")
+    models = load_profiles(args.refit)
+    if len(models) != 1:
+        raise ValueError(f"{args.refit} holds {len(models)} profiles; --refit takes one machine's profile")
+    try:
+        steps = json.loads(Path(args.steps).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {args.steps}: {e}") from None
+    model = refit_to_steps(next(iter(models.values())), steps, args.workers)
+    for line in fit_report(model):
+        print(line)
+    save_profiles(args.out, [model])
+    print(f"saved {model.model} refitted to the served steps to {args.out}")
     return 0
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -117,6 +118,36 @@ def profile_engine(config: EngineConfig, grid: Grid, name: str, hardware: str | 
         usable_bytes_per_gpu=weights + kv_pool, weight_bytes=weights, max_pp=1,
     )
 
+
+
+def refit_to_steps(model: LatencyModel, steps: Mapping[str, Sequence[Mapping[str, Any]]],
+                   workers: Sequence[str] = ()) -> LatencyModel:
+    """``model`` with its step formulas fitted to the steps a stack served instead (steps.json of
+    `bench compare`: shared.engine.StepRecord by '<role>:<instance id>'; ``workers``: only those ids).
+
+    A step measured in the stack carries what a profile taken alone cannot: the services and the other
+    workers sharing the cores, and the batch compositions real traffic makes. Steps that mixed prefill
+    and decode (chunked prefill) fit neither formula and are left out.
+    """
+    prefill: list[PrefillSample] = []
+    decode: list[DecodeSample] = []
+    for name, records in steps.items():
+        role, _, instance = name.partition(":")
+        if workers and instance not in workers:
+            continue
+        for r in records:
+            lengths = tuple(int(n) for n in r["prefill_lengths"])
+            # A phase's steps from the workers that serve it (a prefill worker's one-token prompt is no decode)
+            if lengths and not r["decode_batch"] and role != "decode":
+                prefill.append(PrefillSample(lengths, float(r["seconds"])))
+            elif r["decode_batch"] and not lengths and role != "prefill":
+                decode.append(DecodeSample(int(r["decode_batch"]), int(r["decode_context"]), float(r["seconds"])))
+    if len({s.lengths for s in prefill}) < 3 or len({(s.batch, s.sum_ctx) for s in decode}) < 3:
+        raise ValueError(f"too few distinct steps to fit ({len(prefill)} prefill, {len(decode)} decode)"
+                         + (f" among workers {', '.join(workers)}" if workers else ""))
+    step = fit_step_profile(prefill, decode, threshold=max(s.batch for s in decode))
+    return replace(model, steps={1: step},
+                   source=f"{model.source}; refitted to {len(prefill)} prefill and {len(decode)} decode steps served")
 
 
 def fit_report(model: LatencyModel) -> Sequence[str]:

@@ -65,6 +65,22 @@ def test_prefill_batches_respect_token_budget() -> None:
     assert first_tokens == [["0", "1"], ["2"], ["3"]]
 
 
+def test_steps_are_recorded_as_the_latency_model_counts_them() -> None:
+    engine = make_engine(max_num_batched_tokens=24)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for i, n in enumerate([10, 7]):
+        engine.add_request(str(i), [100 + i] * n, params)
+    run_to_completion(engine)
+    records = engine.take_step_records()
+    assert [(r.prefill_lengths, r.decode_batch, r.decode_context) for r in records] == [
+        ((10, 7), 0, 0),  # one prefill step of both prompts
+        ((), 2, 11 + 8),  # each decode attends its prompt, the first token and the new one
+        ((), 2, 12 + 9),
+    ]
+    assert all(r.seconds > 0 for r in records) and records[0].ended <= records[-1].ended
+    assert engine.take_step_records() == []  # taken once
+
+
 def test_chunked_prefill_and_preemption_do_not_change_tokens(engine: LLMEngine) -> None:
     expected = {p: generate_alone(engine, p) for p in PROMPTS}
     # Tiny budget forces prompt chunks; a tiny KV pool forces preemption and recomputation.

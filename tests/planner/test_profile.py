@@ -13,9 +13,13 @@ from services.planner.latency import (
     Coeffs,
     DecodeSample,
     PrefillSample,
+    StepProfile,
     fit_step_profile,
     load_profiles,
+    save_profiles,
 )
+from services.planner.profiler import refit_to_steps
+from tests.planner.conftest import toy_model
 
 PREFILL, DECODE = Coeffs(12.0, 0.05, 2e-5), Coeffs(8.0, 0.0004, 0.09)
 
@@ -70,3 +74,40 @@ def test_profile_command_measures_the_engine_and_plan_loads_it(tmp_path: Path, c
     plan = json.loads(capsys.readouterr().out)
     assert plan["prefill"]["pp"] == plan["decode"]["pp"] == 1  # a measured CPU profile cannot pipeline
     assert plan["attainment"] >= 0.9
+
+
+def served_steps(step: StepProfile, seed: int = 0) -> dict[str, list[dict[str, object]]]:
+    """steps.json as `bench compare` writes it, timed exactly by ``step`` (seconds)."""
+    rng = np.random.default_rng(seed)
+    prefill, decode = [], []
+    for _ in range(40):
+        lengths = [int(n) for n in rng.integers(5, 400, rng.integers(1, 4))]
+        seconds = step.prefill_time(sum(lengths), sum(n * n for n in lengths))
+        prefill.append({"ended": 1.0, "seconds": seconds, "prefill_lengths": lengths, "decode_batch": 0,
+                        "decode_context": 0})
+        batch = int(rng.integers(1, 60))
+        ctx = int(batch * rng.integers(20, 500))
+        decode.append({"ended": 1.0, "seconds": step.decode_time(batch, ctx), "prefill_lengths": [],
+                       "decode_batch": batch, "decode_context": ctx})
+    mixed = {"ended": 1.0, "seconds": 9.0, "prefill_lengths": [64], "decode_batch": 3, "decode_context": 90}
+    return {"prefill:prefill-0": prefill, "decode:decode-0": decode + [mixed]}
+
+
+def test_refit_recovers_the_step_times_the_stack_served(tmp_path: Path) -> None:
+    base = toy_model(tps=(1,))
+    served = StepProfile(Coeffs(30.0, 0.25, 4e-4), Coeffs(40.0, 0.006, 0.5), Coeffs(40.0, 0.006, 0.5))
+    model = refit_to_steps(base, served_steps(served))
+    step = model.steps[1]
+    for got, want in ((step.prefill, served.prefill), (step.decode_small, served.decode_small)):
+        assert got.as_list() == pytest.approx(want.as_list(), rel=1e-6)  # the mixed step was left out
+    assert model.kv_bytes_per_token == base.kv_bytes_per_token and "refitted" in model.source
+    with pytest.raises(ValueError, match="too few"):
+        refit_to_steps(base, served_steps(served), workers=["prefill-0"])  # no decode steps among them
+
+    save_profiles(tmp_path / "base.json", [base])
+    (tmp_path / "steps.json").write_text(json.dumps(served_steps(served)))
+    assert main(["profile", "--refit", str(tmp_path / "base.json"), "--steps", str(tmp_path / "steps.json"),
+                 "--out", str(tmp_path / "refit.json")]) == 0
+    (loaded,) = load_profiles(tmp_path / "refit.json").values()
+    assert loaded.steps[1].prefill.as_list() == pytest.approx(served.prefill.as_list(), rel=1e-6)
+    assert main(["profile", "--refit", str(tmp_path / "base.json"), "--out", str(tmp_path / "x.json")]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import re
 import time
@@ -183,6 +184,22 @@ def test_request_state_has_the_whole_timeline(stack: Stack, redis_server: RedisS
     assert int(state["kv_bytes"]) > 0 and state["output_tokens"] == "5"
     ucx_installed = importlib.util.find_spec("ucxx") is not None
     assert state["kv_transport"] == ("ucx" if ucx_installed else "tcp")  # the default: auto
+
+
+def test_workers_record_their_steps_in_redis(stack: Stack, redis_server: RedisServer) -> None:
+    """What `distserve profile --refit` fits: each worker's engine steps, pushed every second."""
+    import redis
+
+    reply = client(stack).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert reply.usage is not None
+    r = redis.Redis.from_url(redis_server.url)
+
+    def steps(role: str) -> list[dict[str, object]]:
+        return [json.loads(x) for x in r.lrange(f"distserve:steps:{role}:{role}-0", 0, -1)]
+
+    assert wait_until(lambda: any(s["prefill_lengths"] == [reply.usage.prompt_tokens] for s in steps("prefill")))
+    assert wait_until(lambda: any(s["decode_batch"] >= 1 and not s["prefill_lengths"] for s in steps("decode")))
+    r.close()
 
 
 def test_colocated_stack_serves_and_stops_cleanly(redis_server: RedisServer) -> None:
