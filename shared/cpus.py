@@ -1,11 +1,11 @@
 """CPU pinning for a stack on one machine: each worker on cores of its own, the services elsewhere.
 
-Why: on a machine with few cores the gateway, NATS, Redis and any client on it wake many times a
-second and preempt whichever worker shares their core. On 2 cores, under a chatbot load of 16-18
-req/s, a prefill worker's steps ran 1.3-1.4x slower than the same steps alone; pinned alone on its
-core, with everything else on the other, 1.02-1.06x (docs/benchmarks.md). Pinning is opt-in
-(`Settings.pin_workers`, `Settings.service_cpus`): which phase can best share its cores with the
-services depends on the workload and the SLOs.
+Why: the gateway, NATS, Redis and any client on the machine wake many times a second and preempt
+whichever worker shares their core. On 2 cores, under a chatbot load of 18-24 req/s, a prefill
+worker's steps ran 1.4x slower than the same steps alone; pinned alone on its core, with everything
+else on the other, 1.02-1.06x (docs/benchmarks.md). On those 2 cores goodput still fell, because the
+services then slowed the decode worker instead: pinning is opt-in (`Settings.pin_workers`,
+`Settings.service_cpus`), for machines with cores to spare for the services.
 """
 
 from __future__ import annotations
