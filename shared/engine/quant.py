@@ -110,7 +110,8 @@ class PackedBf16Linear(nn.Module):
 
     F.linear on a plain bf16 weight has oneDNN reorder the weight for its AMX / AVX-512-BF16 kernel
     on every call: a prefill of 16 tokens spent 44 of its 58 ms in GEMMs reading weights at 6-7 GB/s.
-    Reordered once at load time the same GEMMs run 25-40% faster, with the same results bit for bit.
+    Reordered once at load time the same GEMMs run 25-40% faster; the model's logits stayed the same bit
+    for bit on the AMX machine of docs/performance.md (tests/engine/test_weights.py allows rounding).
     The reordered weight is an opaque MKLDNN tensor that torch.compile cannot trace, so the layer keeps
     the plain weight too when the engine compiles its decode steps (compiled graphs use it).
     """
@@ -138,7 +139,7 @@ class PackedBf16Linear(nn.Module):
 
 
 def can_pack_bf16() -> bool:
-    """Whether this CPU has oneDNN bf16 kernels (AVX-512 BF16 or AMX) to pack weights for."""
+    """Whether oneDNN runs bf16 on this CPU (AVX-512 and up; measured only with AMX, where it pays)."""
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
