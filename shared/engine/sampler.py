@@ -17,7 +17,9 @@ def step_generator(seed: int, output_index: int) -> torch.Generator:
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], generator: torch.Generator) -> list[int]:
     """One token per row of logits [N, vocab]."""
-    tokens = logits.argmax(dim=-1).tolist()
+    # max(dim).indices, not argmax: the same first-maximum index, and on CPU 3x faster in float32 (argmax
+    # over [64, 49152] bfloat16 logits took 10 ms, a tenth of a decode step at that batch).
+    tokens = logits.float().max(dim=-1).indices.tolist()
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.greedy:
