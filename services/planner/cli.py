@@ -48,6 +48,9 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--rate", type=positive_float, required=True, help="target requests/s")
     plan.add_argument("--cv", type=positive_float, default=1.0, help="arrival burstiness (1: Poisson)")
     plan.add_argument("--curve", help="also write attainment-vs-rate curves (plan and baseline) to this PNG")
+    plan.add_argument("--baseline-tp", type=positive_int,
+                      help="colocated baseline at this TP only (default: the best); the DistServe artifact ran vLLM "
+                           "at TP 1 for OPT-13B and TP 4 for OPT-66B")
     out = plan.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--yaml", action="store_true")
@@ -161,7 +164,7 @@ def run_plan(args: argparse.Namespace) -> int:
                       Limits(prefill_token_budget=args.prefill_budget))
     algorithm = "auto" if args.algorithm == "auto" else int(args.algorithm)
     try:
-        plan = plan_placement(problem, algorithm, baseline)  # type: ignore[arg-type]
+        plan = plan_placement(problem, algorithm, baseline, args.baseline_tp)  # type: ignore[arg-type]
     except PlanError as e:
         print(f"distserve plan: no plan: {e}", file=sys.stderr)
         return 1

@@ -277,13 +277,16 @@ def algorithm2(problem: Problem, cache: Cache) -> Plan:
     )
 
 
-def colocated_baseline(problem: Problem, model: LatencyModel) -> Baseline:
+def colocated_baseline(problem: Problem, model: LatencyModel, tp_only: int | None = None) -> Baseline:
     """The best colocated deployment (tensor parallelism only, as vLLM ran): each configuration's instance
     goodput, then enough instances for the target rate simulated together; ranked by that deployment's
-    per-GPU goodput (a single instance's can flatter a configuration that only just meets the SLO alone)."""
+    per-GPU goodput (a single instance's can flatter a configuration that only just meets the SLO alone).
+    ``tp_only``: that tensor-parallel degree alone (e.g. the one the paper's evaluation ran vLLM with)."""
     need = problem.need_tokens("decode")
     candidates: list[Baseline] = []
-    for tp in model.tp_degrees:
+    if tp_only is not None and tp_only not in model.tp_degrees:
+        raise PlanError(f"the baseline profile covers TP {sorted(model.tp_degrees)}, not {tp_only}")
+    for tp in model.tp_degrees if tp_only is None else (tp_only,):
         config = Parallel(tp, 1)
         if tp > problem.cluster.gpus_per_node or not fits(model, config, need):
             continue
@@ -337,7 +340,7 @@ def refine(problem: Problem, plan: Plan, max_steps: int = 16) -> tuple[Plan, flo
 
 
 def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
-                   baseline_model: LatencyModel | None = None) -> Plan:
+                   baseline_model: LatencyModel | None = None, baseline_tp: int | None = None) -> Plan:
     """Run the chosen algorithm ("auto": Algorithm 1 when its plan meets the SLO end to end with KV
     over the cluster's links, else Algorithm 2), refine it end to end and add the baseline."""
     start = time.perf_counter()
@@ -354,7 +357,7 @@ def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
         plan = algorithm1(problem, cache) if algorithm == 1 else algorithm2(problem, cache)
     plan, attainment, note = refine(problem, plan)
     notes += [note] if note else []
-    base = colocated_baseline(problem, baseline_model) if baseline_model else None
+    base = colocated_baseline(problem, baseline_model, baseline_tp) if baseline_model else None
     if not plan.fits_cluster:
         notes.append(f"the plan needs {plan.gpus} GPUs on {plan.nodes_needed} nodes; the cluster has "
                      f"{problem.cluster.num_gpus} on {problem.cluster.nodes}")

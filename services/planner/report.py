@@ -79,7 +79,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         b = d["baseline"]
         table.add_row("colocated", str(b["tp"]), str(b["pp"]), "1", str(b["tp"] * b["pp"]),
                       f"{b['instance_goodput']:.2f}", f"{b['goodput_per_gpu']:.3f}", "")
-        if b["deployed_goodput"] is not None:
+        if b["deployed_goodput_per_gpu"] is not None:  # None when no instance meets the SLO at any rate
             table.add_row("colocated, replicated", str(b["tp"]), str(b["pp"]), str(b["instances"]), str(b["gpus"]),
                           f"{b['deployed_goodput']:.2f}", f"{b['deployed_goodput_per_gpu']:.3f}", "")
     console.print(table)
@@ -90,5 +90,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         lines.append(f"per-GPU goodput vs colocated: {d['speedup_per_gpu']:.2f}x against one instance"
                      + (f", {d['speedup_per_gpu_deployed']:.2f}x against {d['baseline']['instances']} replicated to "
                         f"the rate" if "speedup_per_gpu_deployed" in d else ""))
+    elif plan.baseline:
+        lines.append(f"the colocated baseline (TP{d['baseline']['tp']}) meets the SLO at no rate: no ratio")
     for line in lines + [f"note: {n}" for n in plan.notes]:
         console.print(line)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 
 from services.planner.goodput import find_goodput
 from services.planner.latency import LatencyModel
-from services.planner.placement import PlanError, Problem, algorithm1, algorithm2, plan_placement
-from services.planner.report import plan_to_dict
+from services.planner.placement import Baseline, PlanError, Problem, algorithm1, algorithm2, plan_placement
+from services.planner.report import plan_to_dict, print_plan
 from services.planner.simulator import Disaggregated, Parallel
 from services.planner.specs import Cluster
 from services.planner.workload import make_trace, synthetic_lengths
@@ -101,3 +102,17 @@ def test_plan_is_deterministic_and_beats_the_colocated_baseline() -> None:
     assert base.instances >= 1 and base.instances * base.goodput >= p.rate
     assert base.deployed_goodput >= p.rate * 0.98
     assert da["baseline"]["deployed_goodput_per_gpu"] == round(base.deployed_per_gpu_goodput, 4)
+
+
+def test_the_baseline_can_be_held_to_one_tensor_parallel_degree(capsys: pytest.CaptureFixture[str]) -> None:
+    model = toy_model(tps=(1, 2))
+    p = problem(model, rate=10.0, nodes=2, gpus=8)
+    plan = plan_placement(p, "auto", model, baseline_tp=2)
+    assert plan.baseline is not None and plan.baseline.config.tp == 2
+    with pytest.raises(PlanError, match="not 4"):
+        plan_placement(p, "auto", model, baseline_tp=4)
+    # A baseline that meets the SLO at no rate is reported as such, not as a ratio (nor a crash).
+    hopeless = replace(plan, baseline=Baseline(Parallel(1), 0.0, 0, 0.0))
+    print_plan(hopeless)
+    assert "meets the SLO at no rate" in capsys.readouterr().out
+    assert "speedup_per_gpu" not in plan_to_dict(hopeless)
