@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 CountTokens = Callable[[str], int]
 
@@ -82,6 +83,13 @@ DEFAULT_SLOS: dict[str, SLO] = {
     "summarization": SLO(ttft_s=15.0, tpot_s=0.2, attainment_target=0.9),
     "synthetic": SLO(ttft_s=2.0, tpot_s=0.2, attainment_target=0.9),
 }
+
+
+def default_api(name: str) -> Literal["completions", "chat"]:
+    """The API a workload's prompts are written for: a chatbot's are a user's turn (chat); the others are
+    text to continue. Sent as raw text to /v1/completions, a third of ShareGPT turns made SmolLM2 answer
+    <|im_end|> first, a token with no text, so the client saw its first text one decode step later."""
+    return "chat" if name == "chatbot" else "completions"
 
 
 def default_slo(name: str) -> SLO:

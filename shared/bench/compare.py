@@ -34,6 +34,7 @@ from shared.bench.serve import (
     Progress_,
     add_workload_args,
     analyze,
+    api_from_args,
     default_output_dir,
     print_result,
     progress_bar,
@@ -297,7 +298,7 @@ def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requ
         stack.wait_ready(args.ready_timeout)
         say(f"{name}: ready in {time.monotonic() - t0:.0f} s at {stack.url}")
         model = asyncio.run(discover_model(stack.url))
-        client = ClientConfig(base_url=stack.url, model=model, api=args.api, ignore_eos=args.ignore_eos,
+        client = ClientConfig(base_url=stack.url, model=model, api=api_from_args(args), ignore_eos=args.ignore_eos,
                               extra_body=args.extra_body, request_timeout_s=args.request_timeout)
         asyncio.run(warm_up(client, args.warmup))
         run_starts: list[tuple[float, float]] = []

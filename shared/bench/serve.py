@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shared.argtypes import positive_float
 from shared.bench import plots, report
 from shared.bench.arrivals import ARRIVAL_PROCESSES, ArrivalProcess, arrival_times
-from shared.bench.client import APIS, ClientConfig, discover_model, make_http_client
+from shared.bench.client import APIS, Api, ClientConfig, discover_model, make_http_client
 from shared.bench.loadgen import Run, run_load
 from shared.bench.metrics import (
     RequestRecord,
@@ -35,7 +35,7 @@ from shared.bench.metrics import (
     next_probe_rate,
     summarize,
 )
-from shared.workloads import SLO, WorkloadRequest, default_slo, load_workload
+from shared.workloads import SLO, WorkloadRequest, default_api, default_slo, load_workload
 
 # The SLO-scale view: both bounds from 4x tighter to 4x looser (1.0 included).
 DEFAULT_SCALES: tuple[float, ...] = tuple(float(s) for s in np.geomspace(0.25, 4.0, 25))
@@ -188,8 +188,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-output-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int, default=8192, help="skip longer requests (default 8192)")
-    p.add_argument("--api", choices=APIS, default="completions",
-                   help="/v1/completions or /v1/chat/completions")
+    p.add_argument("--api", choices=APIS, default=None,
+                   help="/v1/completions or /v1/chat/completions (default: chat for chatbot, completions otherwise)")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send ignore_eos (for servers that reject unknown fields)")
     p.add_argument("--extra-body", type=json.loads, default={}, help="JSON merged into every request body")
@@ -221,6 +221,11 @@ def sweep_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(rates=args.rate, num_requests=args.num_requests, seed=args.seed, arrival=args.arrival,
                        burstiness=args.burstiness, time_limit_s=args.time_limit, search_steps=args.search,
                        cooldown_s=args.cooldown)
+
+
+def api_from_args(args: argparse.Namespace) -> Api:
+    api: Api = args.api or default_api(args.workload)
+    return api
 
 
 def workload_from_args(args: argparse.Namespace) -> list[WorkloadRequest]:
@@ -260,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
         config = sweep_from_args(args)
         requests = workload_from_args(args)
         model = args.model or asyncio.run(discover_model(args.url, args.api_key))
-        client = ClientConfig(base_url=args.url, model=model, api=args.api, ignore_eos=args.ignore_eos,
+        client = ClientConfig(base_url=args.url, model=model, api=api_from_args(args), ignore_eos=args.ignore_eos,
                               extra_body=args.extra_body, request_timeout_s=args.request_timeout,
                               api_key=args.api_key)
     except (ValueError, ConnectionError, FileNotFoundError) as e:
@@ -275,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    meta = {"command": "serve", "url": args.url, "model": model, "api": args.api, "workload": args.workload,
+    meta = {"command": "serve", "url": args.url, "model": model, "api": client.api, "workload": args.workload,
             "sweep": asdict(config)}
     save(result, out, meta, with_plots=args.plots)
     print_result(result, Console(), out)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shared import workloads
-from shared.workloads import SLO, WorkloadRequest, default_slo, load_workload
+from shared.workloads import SLO, WorkloadRequest, default_api, default_slo, load_workload
 
 
 def count_words(text: str) -> int:
@@ -140,3 +140,15 @@ def test_default_slos_and_scaling() -> None:
     with pytest.raises(ValueError):
         SLO(ttft_s=1, tpot_s=0.1, attainment_target=1.5)
     assert WorkloadRequest("p", 1, 2).output_tokens == 2
+
+
+def test_chatbot_prompts_go_to_the_chat_api_unless_told_otherwise() -> None:
+    from services.cli import build_parser
+    from shared.bench.serve import api_from_args
+
+    assert [default_api(n) for n in ("chatbot", "code", "summarization", "synthetic:8:8")] == [
+        "chat", "completions", "completions", "completions"]
+    args = build_parser().parse_args(["bench", "serve", "--url", "http://127.0.0.1:1", "--workload", "chatbot"])
+    assert api_from_args(args) == "chat"
+    args = build_parser().parse_args(["bench", "compare", "--workload", "chatbot", "--api", "completions"])
+    assert api_from_args(args) == "completions"
