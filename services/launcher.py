@@ -25,8 +25,9 @@ from types import FrameType
 
 import httpx
 
+from shared.argtypes import cpu_list
 from shared.config import COMMON_FLAGS, GATEWAY_FLAGS, Settings, add_config_flag, add_flags, settings_from_args
-from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, parse_cpu_list, pin_process
+from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, pin_process
 from shared.engine.model_files import cache_dir
 from shared.servers import NatsServer, RedisServer, ServerProcess
 
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="colocated workers mix prefill chunks with decodes (Sarathi-Serve)")
     parser.add_argument("--pin-workers", dest="cfg:pin_workers", action="store_true", default=None,
                         help="pin each worker to CPUs of its own, in start order (prefill, then decode)")
-    parser.add_argument("--service-cpus", dest="cfg:service_cpus", type=parse_cpu_list, default=None,
+    parser.add_argument("--service-cpus", dest="cfg:service_cpus", type=cpu_list, default=None,
                         help="CPUs for the gateway, NATS and Redis, e.g. 1 or 0,2-3 (default: any)")
     parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=run)

@@ -42,3 +42,13 @@ def positive_ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values
+
+
+def cpu_list(text: str) -> list[int]:
+    """A CPU list flag ('1', '0,2-3'), with shared.cpus.parse_cpu_list's message on a bad one."""
+    from shared.cpus import parse_cpu_list
+
+    try:
+        return parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

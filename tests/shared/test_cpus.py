@@ -50,3 +50,11 @@ def test_pinning_a_process_pins_all_its_threads() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_bad_cpu_flag_is_a_usage_error_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["up", "--service-cpus", "3-1"])
+    assert exit_info.value.code == 2 and "not a CPU list: '3-1'" in capsys.readouterr().err
