@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from shared.engine import EngineConfig, LLMEngine
 
@@ -25,3 +26,18 @@ def run_to_completion(engine: LLMEngine) -> dict[str, list[int]]:
         for out in engine.step():
             tokens.setdefault(out.request_id, []).append(out.token_id)
     raise AssertionError("engine did not finish")
+
+
+def move_kv(prefill: LLMEngine, decode: LLMEngine, request_id: str) -> None:
+    """Export, import and commit one request's KV, copying its bytes across as a transport would."""
+    export = prefill.kv_export(request_id)
+    dest = decode.kv_import_begin(export.meta)
+    assert dest is not None
+    stream = torch.cat([v.reshape(-1).view(torch.uint8) for v in export.views])  # each side: one byte stream
+    offset = 0
+    for view in dest:
+        flat = view.view(-1).view(torch.uint8)
+        flat.copy_(stream[offset:offset + flat.numel()])
+        offset += flat.numel()
+    assert offset == export.nbytes == export.meta.nbytes
+    decode.kv_import_commit(request_id)
