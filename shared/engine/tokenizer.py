@@ -17,6 +17,7 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from shared.engine.fast_bpe import FastBPE
 from shared.engine.model_files import cached_path, resolve_model, write_atomically
 
 # Special tokens that end an assistant turn in common chat formats.
@@ -37,13 +38,15 @@ class Tokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self._template = _compile_template(chat_template) if chat_template else None
+        self._fast = FastBPE.build(backend)  # None where it could differ from `backend`
 
     @property
     def vocab_size(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> list[int]:
-        return list(self.backend.encode(text, add_special_tokens=False).ids)
+        ids = self._fast.encode(text) if self._fast is not None else None
+        return ids if ids is not None else list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
