@@ -50,16 +50,19 @@ from shared.cpus import available_cpus, pin_process
 from shared.state import read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
-# name -> what it runs on `cores` cores (each role's threads are set explicitly, never shared).
+# name -> what it runs on `cores` cores (each role's threads are set explicitly; the 3-worker ones run 1.5x
+# the cores' threads, which the OS time-shares).
 DEPLOYMENTS: dict[str, str] = {
     "disagg": "1 prefill + 1 decode worker, half the cores each",
+    "disagg-2p1d": "2 prefill + 1 decode workers, half the cores' threads each: 3 on 2, the OS shares the cores",
     "colocated": "1 colocated worker (prefill-first continuous batching) on all the cores",
     "colocated-2x1": "2 colocated workers, half the cores each",
+    "colocated-3x1": "3 colocated workers, half the cores' threads each: 3 on 2, as disagg-2p1d",
     "chunked": "1 colocated worker with chunked prefill (Sarathi-Serve) on all the cores",
 }
 STEP_FLUSH_S = 1.5  # a little more than the workers' interval between step-record writes
-COLOCATED = ("colocated", "colocated-2x1")  # the baselines of the ratio: the better one counts
-DISAGGREGATED = "disagg"
+COLOCATED = ("colocated", "colocated-2x1", "colocated-3x1")  # the baselines of the ratio: the best one counts
+DISAGGREGATED = ("disagg", "disagg-2p1d")  # the better one counts
 
 log = logging.getLogger("distserve.bench.compare")
 
@@ -122,14 +125,15 @@ def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
                 "dtype": dtype, "weights": knobs.weights if dtype == "float32" else "native"}
 
     engine = engine_in(knobs.dtype)
-    if name == "disagg":
-        return {"mode": "disaggregated", "prefill_instances": 1, "decode_instances": 1,
+    if name in DISAGGREGATED:
+        return {"mode": "disaggregated", "prefill_instances": 2 if name == "disagg-2p1d" else 1, "decode_instances": 1,
                 "prefill": {**engine_in(knobs.prefill_dtype or knobs.dtype), "num_threads": half},
                 "decode": {**engine, "num_threads": half}}
     if name == "colocated":
         return {"mode": "colocated", "colocated_instances": 1, "colocated": {**engine, "num_threads": whole}}
-    if name == "colocated-2x1":
-        return {"mode": "colocated", "colocated_instances": 2, "colocated": {**engine, "num_threads": half}}
+    if name in ("colocated-2x1", "colocated-3x1"):
+        instances = 2 if name == "colocated-2x1" else 3
+        return {"mode": "colocated", "colocated_instances": instances, "colocated": {**engine, "num_threads": half}}
     if name == "chunked":
         return {"mode": "colocated", "colocated_instances": 1,
                 "colocated": {**engine, "num_threads": whole, "chunked_prefill": True,
@@ -216,21 +220,21 @@ async def fetch_timelines(redis_url: str, count: int) -> list[dict[str, str]]:
 
 # ---- the comparison ---------------------------------------------------------------------------------
 
-def best_colocated(goodputs: Mapping[str, float | None]) -> tuple[str, float] | None:
-    """The colocated variant with the highest goodput (None if none ran or none met the target)."""
-    measured = [(value, name) for name in COLOCATED if (value := goodputs.get(name)) is not None]
+def best_of(goodputs: Mapping[str, float | None], names: Sequence[str]) -> tuple[str, float] | None:
+    """The deployment among ``names`` with the highest goodput (None if none ran or none met the target)."""
+    measured = [(value, name) for name in names if (value := goodputs.get(name)) is not None]
     if not measured:
         return None
     value, name = max(measured)
     return name, value
 
 
-def goodput_ratio(goodputs: Mapping[str, float | None]) -> tuple[str, float] | None:
-    """(baseline name, disaggregated goodput / the better colocated goodput), when both exist."""
-    disagg, base = goodputs.get(DISAGGREGATED), best_colocated(goodputs)
+def goodput_ratio(goodputs: Mapping[str, float | None]) -> tuple[str, str, float] | None:
+    """(disaggregated name, colocated name, ratio of their goodputs): the better of each kind, when both exist."""
+    disagg, base = best_of(goodputs, DISAGGREGATED), best_of(goodputs, COLOCATED)
     if disagg is None or base is None:
         return None
-    return base[0], disagg / base[1]
+    return disagg[0], base[0], disagg[1] / base[1]
 
 
 def common_scale_rate(results: Sequence[BenchResult], explicit: float | None) -> float:
@@ -248,7 +252,7 @@ def common_scale_rate(results: Sequence[BenchResult], explicit: float | None) ->
     return min(shared)
 
 
-def comparison_table(results: Sequence[BenchResult], ratio: tuple[str, float] | None) -> Table:
+def comparison_table(results: Sequence[BenchResult], ratio: tuple[str, str, float] | None) -> Table:
     rates = sorted({s.rate for r in results for s in r.summaries})
     table = Table(title="goodput (req/s at the attainment target) and attainment per rate")
     for name in ("deployment", "goodput", "interpolated", *(f"@{rate:g}" for rate in rates)):
@@ -259,7 +263,7 @@ def comparison_table(results: Sequence[BenchResult], ratio: tuple[str, float] | 
                       "-" if r.goodput_interpolated is None else f"{r.goodput_interpolated:.3g}",
                       *(f"{100 * by_rate[rate].attainment:.0f}%" if rate in by_rate else "" for rate in rates))
     if ratio is not None:
-        table.caption = f"disagg / {ratio[0]} goodput: {ratio[1]:.2f}x"
+        table.caption = f"{ratio[0]} / {ratio[1]} goodput: {ratio[2]:.2f}x"
     return table
 
 
@@ -424,7 +428,8 @@ def main(args: argparse.Namespace) -> int:
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "goodput_rps": goodputs,
         "goodput_interpolated_rps": {r.label: r.goodput_interpolated for r in results},
-        "ratio": None if ratio is None else {"baseline": ratio[0], "disagg_over_baseline": ratio[1]},
+        "ratio": None if ratio is None else {"disaggregated": ratio[0], "baseline": ratio[1],
+                                             "disagg_over_baseline": ratio[2]},
         "failed": failed, "scale_rate": scale_rate,
     }, out)
     console.print(f"results: {out}/ (one folder per deployment; summary.json and plots here)")

@@ -57,8 +57,10 @@ def test_cli_parses_the_deployment_list() -> None:
 def test_every_deployment_uses_exactly_the_cores_with_its_own_servers(cores: int) -> None:
     expected = {  # (mode, roles of the workers, threads per worker, chunked)
         "disagg": ("disaggregated", ["prefill", "decode"], cores // 2, False),
+        "disagg-2p1d": ("disaggregated", ["prefill", "prefill", "decode"], cores // 2, False),
         "colocated": ("colocated", ["colocated"], cores, False),
         "colocated-2x1": ("colocated", ["colocated", "colocated"], cores // 2, False),
+        "colocated-3x1": ("colocated", ["colocated"] * 3, cores // 2, False),
         "chunked": ("colocated", ["colocated"], cores, True),
     }
     assert set(expected) == set(DEPLOYMENTS)
@@ -70,7 +72,9 @@ def test_every_deployment_uses_exactly_the_cores_with_its_own_servers(cores: int
         # the launcher keeps explicit thread counts: what we set is what runs
         started = split_threads(s, len(roles), 64)
         assert [getattr(started, role).num_threads for role in roles] == [threads] * len(roles)
-        assert sum(getattr(started, role).num_threads for role in roles) == cores
+        total = sum(getattr(started, role).num_threads for role in roles)
+        # 3 workers on 2 cores' worth on purpose (a decode worker needs a fraction of its share); all others fit
+        assert total == (cores * 3 // 2 if name in ("disagg-2p1d", "colocated-3x1") else cores)
         assert s.colocated.chunked_prefill is chunked
         if chunked:
             assert s.colocated.max_num_batched_tokens == 128
@@ -128,12 +132,13 @@ def test_phase_breakdown() -> None:
     assert phase_breakdown([{"arrived": "1"}]) == {}
 
 
-def test_the_ratio_takes_the_better_colocated_baseline_and_never_chunked() -> None:
+def test_the_ratio_takes_the_better_of_each_kind_and_never_chunked() -> None:
     assert goodput_ratio({"disagg": 2.0, "colocated": 0.5, "colocated-2x1": 0.8, "chunked": 1.9}) \
-        == ("colocated-2x1", pytest.approx(2.5))
-    assert goodput_ratio({"disagg": 2.0, "colocated": 1.0, "colocated-2x1": None}) == ("colocated", 2.0)
+        == ("disagg", "colocated-2x1", pytest.approx(2.5))
+    assert goodput_ratio({"disagg": 2.0, "colocated": 1.0, "colocated-2x1": None}) == ("disagg", "colocated", 2.0)
+    assert goodput_ratio({"disagg": 1.0, "disagg-2p1d": 3.0, "colocated": 1.5}) == ("disagg-2p1d", "colocated", 2.0)
     assert goodput_ratio({"disagg": 2.0, "colocated": None, "chunked": 1.0}) is None
-    assert goodput_ratio({"disagg": None, "colocated": 1.0}) is None
+    assert goodput_ratio({"disagg": None, "disagg-2p1d": None, "colocated": 1.0}) is None
 
 
 def records(rate: float, ttft: float, n: int = 10) -> list[RequestRecord]:
