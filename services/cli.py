@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: what a command started is stopped on the way out (its finally blocks)
+        print("distserve: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
