@@ -108,6 +108,7 @@ class PlannerService:
         self.gauges = Gauges(registry or CollectorRegistry())
         self.last: WindowStats | None = None
         self.plans: list[dict[str, Any]] = []
+        self.ready = asyncio.Event()  # set once the server has registered every subscription
 
     async def _on_submit(self, msg: Msg) -> None:
         try:
@@ -161,6 +162,8 @@ class PlannerService:
                 await nc.subscribe(subject, cb=self._on_submit)
             await nc.subscribe(TOKENS_SUBJECT, cb=self._on_tokens)
             await nc.subscribe(Subjects.heartbeat, cb=self._on_heartbeat)
+            await nc.flush()  # a PING round trip: the server has processed the SUBs before it
+            self.ready.set()
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=self.interval)

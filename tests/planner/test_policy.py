@@ -66,7 +66,7 @@ async def test_service_publishes_a_plan_from_live_traffic(nats_client: NATS, nat
     await nats_client.subscribe(PLAN_SUBJECT, cb=got)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
-    await asyncio.sleep(0.3)  # let it subscribe
+    await asyncio.wait_for(service.ready.wait(), timeout=60)  # traffic sent earlier would go unseen
     now = time.time()
     for i in range(12):
         rid = f"r{i}"

@@ -57,7 +57,7 @@ async def test_requests_go_to_the_least_loaded_prefill_worker(nats_client: NATS)
     await nats_client.subscribe(p.Subjects.submit("prefill", "idle"), cb=on_submit)
     flight = await dispatcher.submit(list(range(100)), p.Sampling(), "cmpl")
     await nats_client.flush()
-    for _ in range(50):
+    for _ in range(500):  # the message is on its way back from the server: wait for it, not a fixed time
         if received:
             break
         await asyncio.sleep(0.02)
