@@ -42,6 +42,8 @@ class EngineSettings(_Section):
     kv_cache_memory_gib: float = Field(default=1.0, gt=0)
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: share of the cores")
     chunked_prefill: bool = False
+    nice: int = Field(default=0, ge=0, le=19, description="lower the workers' CPU priority by this (Linux nice): "
+                      "on shared cores, the other roles run first (shared/cpus.py lower_priority)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     # fp16: FBGEMM's kernels, about 1.5-2.5x faster decode on CPU than fp32, logits within ~1e-3 of it
     # (shared/engine/quant.py). Spelled out, not imported: the gateway loads these settings without torch.

@@ -1,4 +1,4 @@
-"""CPU pinning for a stack on one machine: each worker on cores of its own, the services elsewhere.
+"""CPU placement for a stack on one machine: pinning workers to cores, and lowering a worker's priority.
 
 Why: the gateway, NATS, Redis and any client on the machine wake many times a second and preempt
 whichever worker shares their core. On 2 cores, under a chatbot load of 18-24 req/s, a prefill
@@ -56,3 +56,25 @@ def pin_process(pid: int, cpus: Sequence[int]) -> None:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(ProcessLookupError):
                     os.sched_setaffinity(int(tid), cpus)
+
+
+def lower_priority(nice: int) -> None:
+    """Lower this process's CPU priority by ``nice`` (Linux nice values, 0-19): every thread's and, when
+    it leads its session (`up` starts each worker in a session of its own), its autogroup's: with
+    autogroups the kernel first shares the CPUs between sessions, then between threads inside each.
+    Unprivileged: only ever lowers priority; a worker started by hand leaves its shell's session alone.
+
+    Why: on a machine with fewer cores than workers' threads, the OS shares cores equally. A decode step
+    that waits behind a prefill thread stretches every running request's TPOT, while a prefill that waits
+    behind short decode steps delays one request's TTFT by a little; lowering prefill's priority gives
+    decode the cores first and prefill the rest.
+    """
+    if nice == 0:
+        return
+    for tid in os.listdir("/proc/self/task"):  # Linux: a nice value belongs to a thread
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(tid), os.getpriority(os.PRIO_PROCESS, int(tid)) + nice)
+    if os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(FileNotFoundError, PermissionError), open("/proc/self/autogroup", "w") as f:
+        f.write(str(nice))  # absent without CONFIG_SCHED_AUTOGROUP; then thread nice values decide alone

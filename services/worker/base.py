@@ -30,6 +30,7 @@ from opentelemetry.context import Context
 from services.worker.runner import EngineRunner, StepResult
 from shared import protocol as p
 from shared.config import EngineSettings, Settings
+from shared.cpus import lower_priority
 from shared.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
 from shared.protocol import M
 from shared.state import StateWriter, push_steps, steps_key
@@ -118,6 +119,7 @@ class Worker(ABC):
     async def run(self) -> int:
         """Serve until `stop()` (or a fatal error); returns the process exit code."""
         loop = asyncio.get_running_loop()
+        lower_priority(self.engine_settings.nice)  # before the engine's threads: they inherit it
         self.engine = await asyncio.to_thread(self.build_engine)
         self.nc = await nats.connect(self.settings.nats_url or "nats://127.0.0.1:4222", name=self.instance_id,
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)

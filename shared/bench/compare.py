@@ -80,6 +80,7 @@ class EngineKnobs:
     compile: bool = False  # decode-only steps as compiled graphs in every worker (EngineSettings.compile)
     dtype: str = "float32"  # every worker's (EngineSettings.dtype); a bfloat16 worker keeps bfloat16 weights
     prefill_dtype: str | None = None  # disagg's prefill worker only (None: dtype), e.g. bfloat16 on AMX CPUs
+    prefill_nice: int = 0  # disagg's prefill workers yield the cores to decode by this much (EngineSettings.nice)
     pin: bool = False  # workers on CPUs of their own; the services (and this client) on the last worker's
 
     def service_cpus(self) -> list[int]:
@@ -91,6 +92,8 @@ class EngineKnobs:
             raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
         if self.pin and self.cores > len(available_cpus()):
             raise ValueError(f"--pin with --cores {self.cores} needs that many CPUs; {len(available_cpus())} available")
+        if not 0 <= self.prefill_nice <= 19:
+            raise ValueError(f"--prefill-nice must be 0-19 (a Linux nice value), got {self.prefill_nice}")
         if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
             raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
         for dtype in (self.dtype, self.prefill_dtype or self.dtype):
@@ -127,7 +130,8 @@ def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
     engine = engine_in(knobs.dtype)
     if name in DISAGGREGATED:
         return {"mode": "disaggregated", "prefill_instances": 2 if name == "disagg-2p1d" else 1, "decode_instances": 1,
-                "prefill": {**engine_in(knobs.prefill_dtype or knobs.dtype), "num_threads": half},
+                "prefill": {**engine_in(knobs.prefill_dtype or knobs.dtype), "num_threads": half,
+                            "nice": knobs.prefill_nice},
                 "decode": {**engine, "num_threads": half}}
     if name == "colocated":
         return {"mode": "colocated", "colocated_instances": 1, "colocated": {**engine, "num_threads": whole}}
@@ -361,6 +365,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="every worker's dtype; bfloat16 workers keep bfloat16 weights (default %(default)s)")
     p.add_argument("--prefill-dtype", choices=["float32", "bfloat16"],
                    help="disagg's prefill worker's dtype (default: --dtype); its KV is converted on import")
+    p.add_argument("--prefill-nice", type=int, default=0, metavar="N",
+                   help="disaggregated deployments' prefill workers run N nice levels below decode (0-19), so that "
+                        "on shared cores decode steps run first (default 0)")
     p.add_argument("--pin", action="store_true",
                    help="pin each worker to its own CPUs, and the gateway, NATS, Redis and this load generator to "
                         "the last worker's (Settings.pin_workers, service_cpus)")
@@ -380,7 +387,8 @@ def main(args: argparse.Namespace) -> int:
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                             chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
-                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype, pin=args.pin)
+                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype,
+                            prefill_nice=args.prefill_nice, pin=args.pin)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")

@@ -45,6 +45,9 @@ def test_invalid_values_name_the_field() -> None:
     with pytest.raises(ValidationError, match="weights"):
         load_settings({"decode": {"weights": "fp8"}})
     assert load_settings({"decode": {"dtype": "bfloat16", "weights": "native"}}).decode.weights == "native"
+    for nice in (-1, 20):  # only ever lowers priority, within Linux's range
+        with pytest.raises(ValidationError, match="prefill.nice"):
+            load_settings({"prefill": {"nice": nice}})
 
 
 def test_settings_are_frozen() -> None:

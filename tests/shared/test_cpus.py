@@ -1,14 +1,15 @@
-"""CPU pinning (shared/cpus.py): CPU lists, the worker layout, and pinning a real process."""
+"""CPU placement (shared/cpus.py): CPU lists, the worker layout, pinning and lowering the priority of real processes."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from shared.config import load_settings
-from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, parse_cpu_list, pin_process
+from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, lower_priority, parse_cpu_list, pin_process
 
 
 def test_cpu_lists_parse_as_taskset_writes_them() -> None:
@@ -50,6 +51,34 @@ def test_pinning_a_process_pins_all_its_threads() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+LOWER = """
+import os, sys, threading, time
+from shared.cpus import lower_priority
+threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # a thread that runs already
+lower_priority(int(sys.argv[1]))
+late = threading.Thread(target=time.sleep, args=(30,), daemon=True)  # one started after: inherits it
+late.start()
+nice = sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
+group = open("/proc/self/autogroup").read().split()[-1] if os.path.exists("/proc/self/autogroup") else "-"
+print(len(os.listdir("/proc/self/task")), nice, group, flush=True)
+"""
+
+
+@pytest.mark.parametrize("own_session", [True, False])
+def test_lowering_priority_reaches_every_thread_and_a_session_leaders_autogroup(own_session: bool) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run(["python3", "-c", LOWER, "7"], capture_output=True, text=True, check=True, timeout=60,
+                         start_new_session=own_session, cwd=Path(__file__).parents[2]).stdout.split(maxsplit=1)
+    threads, rest = int(out[0]), out[1]
+    nice, group = rest.rsplit(maxsplit=1)
+    assert threads == 3 and nice == f"[{min(base + 7, 19)}]"
+    if group != "-":  # the kernel has autogroups: only a session leader moves its own
+        mine = Path("/proc/self/autogroup").read_text().split()[-1]
+        assert group == ("7" if own_session else mine)
+    lower_priority(0)  # nothing to do, nothing done
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
 
 
 def test_a_bad_cpu_flag_is_a_usage_error_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
