@@ -42,6 +42,9 @@ class EngineSettings(_Section):
     kv_cache_memory_gib: float = Field(default=1.0, gt=0)
     num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: share of the cores")
     chunked_prefill: bool = False
+    step_interval_s: float = Field(default=0.0, ge=0, le=10, description="decode only: start steps at most this "
+                                   "often (a TPOT pace under the SLO), leaving the rest of each interval to the "
+                                   "workers sharing the cores; 0: step as fast as possible")
     nice: int = Field(default=0, ge=0, le=19, description="lower the workers' CPU priority by this (Linux nice): "
                       "on shared cores, the other roles run first (shared/cpus.py lower_priority)")
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -133,6 +136,8 @@ class Settings(BaseSettings):
     def _roles(self) -> Settings:
         if self.prefill.chunked_prefill or self.decode.chunked_prefill:
             raise ValueError("chunked_prefill applies to colocated workers only")
+        if self.prefill.step_interval_s or self.colocated.step_interval_s:
+            raise ValueError("step_interval_s applies to decode workers only (a pace would delay prefills)")
         return self
 
     @classmethod

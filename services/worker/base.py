@@ -130,7 +130,8 @@ class Worker(ABC):
         if self.uses_transport:
             self.transport = create_transport(self.settings.worker.transport, self.settings.worker.transfer_host)
             await self.transport.start()
-        self.runner = EngineRunner(self.engine, loop, self._steps.put_nowait, self.post_step, self._fatal)
+        self.runner = EngineRunner(self.engine, loop, self._steps.put_nowait, self.post_step, self._fatal,
+                                   min_interval=self.engine_settings.step_interval_s)
         self.runner.start()
         await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
         await self.subscribe()

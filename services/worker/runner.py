@@ -43,12 +43,13 @@ class EngineRunner(Generic[X]):
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
                  on_step: Callable[[StepResult[X]], None],
                  post_step: Callable[[list[StepOutput]], X] | None = None,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None, min_interval: float = 0.0) -> None:
         self.engine = engine
         self.loop = loop
         self.on_step = on_step
         self.post_step = post_step  # runs on the engine thread right after a step
         self.on_fatal = on_fatal  # the step loop died: the worker must stop, not hang
+        self.min_interval = min_interval  # seconds from one step's start to the next's, at least
         self.stats: EngineStats = engine.stats()  # snapshot; read lock-free from the loop
         self.steps = 0
         self._calls = ThreadPoolExecutor(1, thread_name_prefix="engine-call")  # one thread: calls stay ordered
@@ -127,6 +128,9 @@ class EngineRunner(Generic[X]):
                     extra = self.post_step(outputs) if self.post_step else None
                     self.loop.call_soon_threadsafe(self.on_step, StepResult(outputs, started, ended, extra,
                                                                             self.stats))
+                    rest = started + self.min_interval - time.time()
+                    if rest > 0:  # paced: the CPU goes to whoever shares it until the next step is due
+                        time.sleep(rest)
                     continue
             # Idle, or blocked on memory: sleep until a call (new work, a release, an abort).
             self._wake.wait(_IDLE_WAIT_S)

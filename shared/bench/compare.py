@@ -81,6 +81,7 @@ class EngineKnobs:
     dtype: str = "float32"  # every worker's (EngineSettings.dtype); a bfloat16 worker keeps bfloat16 weights
     prefill_dtype: str | None = None  # disagg's prefill worker only (None: dtype), e.g. bfloat16 on AMX CPUs
     prefill_nice: int = 0  # disagg's prefill workers yield the cores to decode by this much (EngineSettings.nice)
+    decode_interval: float = 0.0  # disagg's decode worker paces its steps to this (EngineSettings.step_interval_s)
     pin: bool = False  # workers on CPUs of their own; the services (and this client) on the last worker's
 
     def service_cpus(self) -> list[int]:
@@ -94,6 +95,8 @@ class EngineKnobs:
             raise ValueError(f"--pin with --cores {self.cores} needs that many CPUs; {len(available_cpus())} available")
         if not 0 <= self.prefill_nice <= 19:
             raise ValueError(f"--prefill-nice must be 0-19 (a Linux nice value), got {self.prefill_nice}")
+        if not 0 <= self.decode_interval <= 10:
+            raise ValueError(f"--decode-interval must be 0-10 seconds, got {self.decode_interval}")
         if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
             raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
         for dtype in (self.dtype, self.prefill_dtype or self.dtype):
@@ -132,7 +135,7 @@ def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
         return {"mode": "disaggregated", "prefill_instances": 2 if name == "disagg-2p1d" else 1, "decode_instances": 1,
                 "prefill": {**engine_in(knobs.prefill_dtype or knobs.dtype), "num_threads": half,
                             "nice": knobs.prefill_nice},
-                "decode": {**engine, "num_threads": half}}
+                "decode": {**engine, "num_threads": half, "step_interval_s": knobs.decode_interval}}
     if name == "colocated":
         return {"mode": "colocated", "colocated_instances": 1, "colocated": {**engine, "num_threads": whole}}
     if name in ("colocated-2x1", "colocated-3x1"):
@@ -368,6 +371,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-nice", type=int, default=0, metavar="N",
                    help="disaggregated deployments' prefill workers run N nice levels below decode (0-19), so that "
                         "on shared cores decode steps run first (default 0)")
+    p.add_argument("--decode-interval", type=float, default=0.0, metavar="S",
+                   help="disaggregated deployments' decode worker starts a step at most every S seconds, leaving the "
+                        "rest to prefill on shared cores (default 0: as fast as it can)")
     p.add_argument("--pin", action="store_true",
                    help="pin each worker to its own CPUs, and the gateway, NATS, Redis and this load generator to "
                         "the last worker's (Settings.pin_workers, service_cpus)")
@@ -388,7 +394,7 @@ def main(args: argparse.Namespace) -> int:
         knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
                             chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
                             compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype,
-                            prefill_nice=args.prefill_nice, pin=args.pin)
+                            prefill_nice=args.prefill_nice, decode_interval=args.decode_interval, pin=args.pin)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")

@@ -1,4 +1,4 @@
-"""EngineRunner's engine calls: inline when they cannot wait, else on the call thread, always in order."""
+"""EngineRunner: engine calls inline when they cannot wait, else on the call thread, always in order; paced steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from services.worker.runner import EngineRunner
+from services.worker.runner import EngineRunner, StepResult
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 
 TINY = 'random:{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, ' \
@@ -60,5 +60,27 @@ async def test_calls_run_inline_or_in_order_on_the_call_thread(engine: LLMEngine
         with pytest.raises(ValueError, match="empty"):
             await failing
         assert runner.call(lambda e: e.stats().num_waiting).result() == 0  # inline again once nothing pends
+    finally:
+        await runner.stop()
+
+
+async def test_a_paced_runner_starts_steps_no_closer_than_its_interval(engine: LLMEngine) -> None:
+    loop = asyncio.get_running_loop()
+    results: list[StepResult[None]] = []
+    done = asyncio.Event()
+
+    def on_step(result: StepResult[None]) -> None:
+        results.append(result)
+        if any(o.finished for o in result.outputs):
+            done.set()
+
+    runner: EngineRunner[None] = EngineRunner(engine, loop, on_step=on_step, min_interval=0.2)
+    runner.start()
+    try:
+        await runner.call(lambda e: e.add_request("paced", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)))
+        await asyncio.wait_for(done.wait(), timeout=60)
+        starts = [r.started for r in results]
+        assert len(starts) == 5  # one prefill step, four decode steps (each a few ms on this tiny model)
+        assert all(later - earlier >= 0.2 - 1e-3 for earlier, later in zip(starts, starts[1:], strict=False))
     finally:
         await runner.stop()
