@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 
 
@@ -76,5 +77,12 @@ def lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, int(tid), os.getpriority(os.PRIO_PROCESS, int(tid)) + nice)
     if os.getsid(0) != os.getpid():
         return
-    with contextlib.suppress(FileNotFoundError, PermissionError), open("/proc/self/autogroup", "w") as f:
-        f.write(str(nice))  # absent without CONFIG_SCHED_AUTOGROUP; then thread nice values decide alone
+    for _ in range(20):  # unprivileged, the kernel allows one autogroup change per 0.1 s machine-wide
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+            return
+        except BlockingIOError:  # EAGAIN: another worker starting at the same moment changed its own
+            time.sleep(0.1)
+        except OSError:  # no CONFIG_SCHED_AUTOGROUP, or a read-only /proc: thread nice values decide alone
+            return

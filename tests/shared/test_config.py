@@ -48,6 +48,9 @@ def test_invalid_values_name_the_field() -> None:
     for nice in (-1, 20):  # only ever lowers priority, within Linux's range
         with pytest.raises(ValidationError, match="prefill.nice"):
             load_settings({"prefill": {"nice": nice}})
+    with pytest.raises(ValidationError, match="decode workers only"):
+        load_settings({"prefill": {"step_interval_s": 0.05}})
+    assert load_settings({"decode": {"step_interval_s": 0.05}}).decode.step_interval_s == 0.05
 
 
 def test_settings_are_frozen() -> None:

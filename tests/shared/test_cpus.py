@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ print(len(os.listdir("/proc/self/task")), nice, group, flush=True)
 @pytest.mark.parametrize("own_session", [True, False])
 def test_lowering_priority_reaches_every_thread_and_a_session_leaders_autogroup(own_session: bool) -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    out = subprocess.run(["python3", "-c", LOWER, "7"], capture_output=True, text=True, check=True, timeout=60,
+    out = subprocess.run([sys.executable, "-c", LOWER, "7"], capture_output=True, text=True, check=True, timeout=60,
                          start_new_session=own_session, cwd=Path(__file__).parents[2]).stdout.split(maxsplit=1)
     threads, rest = int(out[0]), out[1]
     nice, group = rest.rsplit(maxsplit=1)
