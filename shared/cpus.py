@@ -14,6 +14,7 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def available_cpus() -> list[int]:
@@ -86,3 +87,15 @@ def lower_priority(nice: int) -> None:
             time.sleep(0.1)
         except OSError:  # no CONFIG_SCHED_AUTOGROUP, or a read-only /proc: thread nice values decide alone
             return
+
+
+def autogroup_nice(path: Path = Path("/proc/self/autogroup")) -> int | None:
+    """This process's autogroup nice value; None where the kernel shows none (no CONFIG_SCHED_AUTOGROUP,
+    or a sandboxed /proc whose autogroup file is empty, as on our CI machine)."""
+    try:
+        words = path.read_text().split()  # e.g. "/autogroup-626 nice 0"
+    except OSError:
+        return None
+    if len(words) != 3 or words[1] != "nice" or not words[2].lstrip("-").isdigit():
+        return None
+    return int(words[2])

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from shared.config import load_settings
-from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, lower_priority, parse_cpu_list, pin_process
+from shared.cpus import (
+    assign_worker_cpus,
+    autogroup_nice,
+    available_cpus,
+    check_cpus,
+    lower_priority,
+    parse_cpu_list,
+    pin_process,
+)
 
 
 def test_cpu_lists_parse_as_taskset_writes_them() -> None:
@@ -56,14 +64,13 @@ def test_pinning_a_process_pins_all_its_threads() -> None:
 
 LOWER = """
 import os, sys, threading, time
-from shared.cpus import lower_priority
+from shared.cpus import autogroup_nice, lower_priority
 threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # a thread that runs already
 lower_priority(int(sys.argv[1]))
 late = threading.Thread(target=time.sleep, args=(30,), daemon=True)  # one started after: inherits it
 late.start()
 nice = sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
-group = open("/proc/self/autogroup").read().split()[-1] if os.path.exists("/proc/self/autogroup") else "-"
-print(len(os.listdir("/proc/self/task")), nice, group, flush=True)
+print(len(os.listdir("/proc/self/task")), nice, autogroup_nice(), flush=True)
 """
 
 
@@ -75,11 +82,19 @@ def test_lowering_priority_reaches_every_thread_and_a_session_leaders_autogroup(
     threads, rest = int(out[0]), out[1]
     nice, group = rest.rsplit(maxsplit=1)
     assert threads == 3 and nice == f"[{min(base + 7, 19)}]"
-    if group != "-":  # the kernel has autogroups: only a session leader moves its own
-        mine = Path("/proc/self/autogroup").read_text().split()[-1]
-        assert group == ("7" if own_session else mine)
+    mine = autogroup_nice()
+    if mine is not None and group != "None":  # the kernel shows autogroups: only a session leader moves its own
+        assert int(group) == (7 if own_session else mine)
     lower_priority(0)  # nothing to do, nothing done
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_an_autogroup_is_read_where_the_kernel_shows_one(tmp_path: Path) -> None:
+    shown = {"/autogroup-626 nice 0\n": 0, "/autogroup-7 nice -3": -3, "": None, "/autogroup-1": None, "x nice y": None}
+    for text, expected in shown.items():
+        (tmp_path / "autogroup").write_text(text)
+        assert autogroup_nice(tmp_path / "autogroup") == expected
+    assert autogroup_nice(tmp_path / "missing") is None
 
 
 def test_a_bad_cpu_flag_is_a_usage_error_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
