@@ -44,14 +44,26 @@ class Tracker:
         self.pending: dict[str, dict[str, float]] = {}  # request_id -> arrived, input, first
         self.done: deque[Observed] = deque()
         self.workers: dict[str, str] = {}  # instance -> role
+        # Token events of requests not (yet) seen arriving: each NATS subscription runs its own task,
+        # so a request's tokens can be handled before its submit message; or it arrived before we
+        # subscribed (then they age out). request_id -> first, and finished, output when it finished.
+        self.early: dict[str, dict[str, float]] = {}
 
     def arrived(self, request_id: str, arrived_at: float, input_tokens: int) -> None:
         self.pending.setdefault(request_id, {"arrived": arrived_at, "input": float(input_tokens)})
+        early = self.early.pop(request_id, None)
+        if early is not None:
+            self.event(request_id, False, 0, early["first"])
+            if "finished" in early:
+                self.event(request_id, True, int(early["output"]), early["finished"])
 
     def event(self, request_id: str, finished: bool, output_tokens: int, at: float) -> None:
         entry = self.pending.get(request_id)
         if entry is None:
-            return  # arrived before we subscribed
+            early = self.early.setdefault(request_id, {"first": at})
+            if finished:
+                early |= {"finished": at, "output": float(output_tokens)}
+            return
         entry.setdefault("first", at)
         if finished:
             del self.pending[request_id]
@@ -65,8 +77,23 @@ class Tracker:
         stale = [k for k, v in self.pending.items() if v["arrived"] < now - self.keep]
         for k in stale:
             del self.pending[k]
+        for k in [k for k, v in self.early.items() if v["first"] < now - self.keep]:
+            del self.early[k]
         unfinished = [Observed(v["arrived"], int(v["input"])) for v in self.pending.values()]
         return list(self.done) + unfinished
+
+
+async def subscriptions_registered(nc: Any, timeout: float = 10.0) -> None:
+    """Returns once the server has processed every subscription sent on ``nc`` so far.
+
+    Not ``nc.flush()``: nats-py (2.16) writes its PING straight to the socket, ahead of SUBs still
+    queued for its flusher task, so the PONG can come back before the server has seen them (the
+    test of this service then lost its first messages in about one run in 25). A message to
+    ourselves is queued behind the SUBs: when it comes back, the server has registered them.
+    """
+    sub = await nc.subscribe(nc.new_inbox(), max_msgs=1)
+    await nc.publish(sub.subject, b"")
+    await sub.next_msg(timeout=timeout)
 
 
 class Gauges:
@@ -162,7 +189,7 @@ class PlannerService:
                 await nc.subscribe(subject, cb=self._on_submit)
             await nc.subscribe(TOKENS_SUBJECT, cb=self._on_tokens)
             await nc.subscribe(Subjects.heartbeat, cb=self._on_heartbeat)
-            await nc.flush()  # a PING round trip: the server has processed the SUBs before it
+            await subscriptions_registered(nc)
             self.ready.set()
             while not stop.is_set():
                 try:

@@ -6,11 +6,12 @@ import asyncio
 import json
 import time
 
+import pytest
 from nats.aio.client import Client as NATS
 
 from services.planner.latency import reference_profiles
 from services.planner.policy import Observed, Policy, replay, should_replan, window_stats
-from services.planner.service import PLAN_SUBJECT, PlannerService
+from services.planner.service import PLAN_SUBJECT, PlannerService, Tracker
 from services.planner.specs import Cluster
 from shared.protocol import PrefillRequest, Sampling, Subjects, TokenBatch, TokenEvent
 from shared.workloads import SLO
@@ -54,6 +55,23 @@ def test_replay_replans_when_the_load_triples() -> None:
     assert last.prefill.instances * last.prefill.config.gpus + last.decode.gpus > first.gpus or \
         last.goodput > 2.5 * first.rate  # more GPUs, or the first plan's deployment already had the headroom
     assert all(t >= 120 for t, r, _ in decisions[1:])  # nothing moved during the steady first half
+
+
+def test_the_tracker_counts_a_request_whose_tokens_are_handled_before_its_arrival() -> None:
+    """Each NATS subscription has its own task: a request's token events may be handled first."""
+    tracker = Tracker(keep=60)
+    tracker.event("early", False, 1, at=100.5)
+    tracker.event("early", True, 11, at=101.5)
+    tracker.arrived("early", 100.0, 300)
+    tracker.event("half", False, 1, at=100.4)  # first token before arrival, the rest after it
+    tracker.arrived("half", 100.2, 200)
+    tracker.event("half", True, 3, at=100.6)
+    tracker.event("orphan", False, 1, at=100.0)  # arrived before the tracker listened: ages out
+    assert tracker.requests(now=102) == [Observed(100.0, 300, 11, ttft=0.5, tpot=0.1),
+                                         Observed(100.2, 200, 3, ttft=pytest.approx(0.2), tpot=pytest.approx(0.1))]
+    assert "orphan" in tracker.early
+    tracker.requests(now=161)
+    assert not tracker.early
 
 
 async def test_service_publishes_a_plan_from_live_traffic(nats_client: NATS, nats_server: object) -> None:
