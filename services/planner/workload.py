@@ -130,7 +130,10 @@ def token_counter(tokenizer: str) -> Callable[[str], int]:
         return lambda text: len(encoding.encode_ordinary(text)) + 1
     from shared.engine.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tokenizer)
+    try:
+        tok = load_tokenizer(tokenizer)
+    except FileNotFoundError as e:
+        raise ValueError(f"tokenizer {e}") from None
     return lambda text: len(tok.encode(text))
 
 

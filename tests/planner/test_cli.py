@@ -38,6 +38,7 @@ def test_plan_yaml_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     (["--gpu", "h100"], "roofline"),  # reference profiles are A100 only
     (["--workload", "fixed:0:5"], "fixed workload"),
     (["--profile", "/nonexistent.json"], "cannot read profile"),
+    (["--workload", "chatbot", "--tokenizer", "/nonexistent"], "tokenizer model not found: '/nonexistent'"),
 ])
 def test_bad_input_is_a_clear_error(change: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*BASE, *change]) == 2
