@@ -4,7 +4,7 @@ Lengths are counted with the model's tokenizer where we have it (``opt``: GPT-2'
 which OPT uses, plus the BOS token OPT prepends), otherwise the serving tokenizer (SmolLM2's), and
 cached on disk, since tokenizing ShareGPT takes up to a minute.
 ``sharegpt`` is the paper's chatbot workload, built as the DistServe artifact builds it (multi-turn
-prompts: 775 input / 199 output tokens on average); ``chatbot`` is the project's serving workload
+prompts: about 770 input / 200 output tokens on average); ``chatbot`` is the project's serving workload
 from ``shared.workloads`` (first human turn only: 133 / 330). A trace is generated at unit rate and
 scaled to any rate: the goodput search then compares rates on the same requests and the same
 arrival pattern (common random numbers), which keeps SLO attainment monotone in the rate.
