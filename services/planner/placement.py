@@ -99,6 +99,9 @@ def score(problem: Problem, config: Parallel, phase: Phase, cache: Cache) -> Sco
     return cache[key]
 
 
+ALGORITHM2_UNITS_TRIED = 8  # units, best by phase-only goodput first, refined end to end for the cheapest
+
+
 def rank(rate: float, goodput: float, gpus: int) -> tuple[float, float, int]:
     """Order of preference for a configuration of ``gpus`` GPUs sustaining ``goodput`` requests/s:
     the per-GPU goodput of enough replicas to reach ``rate`` (rate / GPUs deployed), then the
@@ -254,27 +257,34 @@ def unit_candidates(problem: Problem) -> Iterator[tuple[int, Parallel, Parallel]
 def algorithm2(problem: Problem, cache: Cache) -> Plan:
     """Low node-affinity: replicate the unit (prefill + decode, stage segments co-located per node)
     with the highest per-GPU goodput, min(prefill, decode) / unit GPUs."""
-    found: tuple[tuple[float, float, int], int, Scored, Scored] | None = None
+    return algorithm2_plans(problem, cache, top=1)[0]
+
+
+def algorithm2_plans(problem: Problem, cache: Cache, top: int) -> list[Plan]:
+    """Algorithm 2's ``top`` best units by that ranking, each replicated to the target rate, best first."""
+    ranked: list[tuple[tuple[float, float, int], int, Scored, Scored]] = []
     for inter, p, d in unit_candidates(problem):
         sp, sd = score(problem, p, "prefill", cache), score(problem, d, "decode", cache)
-        key = rank(problem.rate, min(sp.goodput, sd.goodput), p.gpus + d.gpus)
-        if found is None or key > found[0]:
-            found = (key, inter, sp, sd)
-    if found is None:
+        ranked.append((rank(problem.rate, min(sp.goodput, sd.goodput), p.gpus + d.gpus), inter, sp, sd))
+    if not ranked:
         raise PlanError(f"no prefill + decode pair of {problem.model.model} fits in memory within one node's "
                         f"{problem.cluster.gpus_per_node} GPUs per pipeline stage")
-    _, inter, sp, sd = found
-    _require(sp, "prefill")
-    _require(sd, "decode")
-    units = math.ceil(problem.rate / min(sp.goodput, sd.goodput))
-    cluster = problem.cluster
-    return Plan(
-        algorithm=2, model=problem.model.model, hardware=problem.model.hardware, source=problem.model.source,
-        rate=problem.rate, slo=problem.slo, cluster=cluster,
-        prefill=_phase_plan(problem, "prefill", sp, units), decode=_phase_plan(problem, "decode", sd, units),
-        unit_goodput_per_gpu=min(sp.goodput, sd.goodput) / (sp.config.gpus + sd.config.gpus),
-        kv_bandwidth=cluster.nvlink_bandwidth, inter_node_stages=inter,
-    )
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    _require(ranked[0][2], "prefill")
+    _require(ranked[0][3], "decode")
+    plans = []
+    for _, inter, sp, sd in ranked[:top]:
+        if min(sp.goodput, sd.goodput) <= 0:
+            break  # ranked last: so are the rest
+        units = math.ceil(problem.rate / min(sp.goodput, sd.goodput))
+        plans.append(Plan(
+            algorithm=2, model=problem.model.model, hardware=problem.model.hardware, source=problem.model.source,
+            rate=problem.rate, slo=problem.slo, cluster=problem.cluster,
+            prefill=_phase_plan(problem, "prefill", sp, units), decode=_phase_plan(problem, "decode", sd, units),
+            unit_goodput_per_gpu=min(sp.goodput, sd.goodput) / (sp.config.gpus + sd.config.gpus),
+            kv_bandwidth=problem.cluster.nvlink_bandwidth, inter_node_stages=inter,
+        ))
+    return plans
 
 
 def colocated_baseline(problem: Problem, model: LatencyModel, tp_only: int | None = None) -> Baseline:
@@ -339,6 +349,29 @@ def refine(problem: Problem, plan: Plan, max_steps: int = 16) -> tuple[Plan, flo
                        f"(held KV backs up into prefill) it takes {plan.prefill.instances} + {plan.decode.instances}")
 
 
+def cheaper_unit(problem: Problem, cache: Cache, plan: Plan, attainment: float, note: str | None
+                 ) -> tuple[Plan, float, str | None]:
+    """Algorithm 2 refines by whole units: when the best unit by phase-only goodput just misses the
+    target end to end, a second unit can double the GPUs. The next best units, refined the same way,
+    may meet it with fewer (OPT-13B at 20 req/s: one 8-GPU unit instead of two 7-GPU ones)."""
+    met = attainment >= problem.slo.attainment_target
+    best: tuple[float, float] = (plan.gpus, -attainment) if met else (math.inf, 0.0)
+    chosen: tuple[Plan, float] | None = None
+    for other in algorithm2_plans(problem, cache, top=ALGORITHM2_UNITS_TRIED)[1:]:
+        if other.prefill.config.gpus + other.decode.config.gpus >= best[0]:
+            continue  # one unit of it is already no cheaper
+        refined, att, _ = refine(problem, other)
+        if att >= problem.slo.attainment_target and (refined.gpus, -att) < best:
+            best, chosen = (refined.gpus, -att), (refined, att)
+    if chosen is None:
+        return plan, attainment, note
+    refined, att = chosen
+    p, d = refined.prefill, refined.decode
+    return refined, att, (f"the best unit by phase-only goodput takes {plan.gpus} GPUs end to end "
+                          f"({attainment:.1%}); {p.instances} x (prefill {p.config} + decode {d.config}) meets "
+                          f"the target with {refined.gpus}")
+
+
 def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
                    baseline_model: LatencyModel | None = None, baseline_tp: int | None = None) -> Plan:
     """Run the chosen algorithm ("auto": Algorithm 1 when its plan meets the SLO end to end with KV
@@ -356,6 +389,8 @@ def plan_placement(problem: Problem, algorithm: Literal[1, 2, "auto"] = "auto",
     else:
         plan = algorithm1(problem, cache) if algorithm == 1 else algorithm2(problem, cache)
     plan, attainment, note = refine(problem, plan)
+    if plan.algorithm == 2:
+        plan, attainment, note = cheaper_unit(problem, cache, plan, attainment, note)
     notes += [note] if note else []
     base = colocated_baseline(problem, baseline_model, baseline_tp) if baseline_model else None
     if not plan.fits_cluster:

@@ -10,7 +10,16 @@ import pytest
 
 from services.planner.goodput import find_goodput
 from services.planner.latency import LatencyModel
-from services.planner.placement import Baseline, PlanError, Problem, algorithm1, algorithm2, plan_placement
+from services.planner.placement import (
+    Baseline,
+    PlanError,
+    Problem,
+    algorithm1,
+    algorithm2,
+    cheaper_unit,
+    end_to_end,
+    plan_placement,
+)
 from services.planner.report import plan_to_dict, print_plan
 from services.planner.simulator import Disaggregated, Parallel
 from services.planner.specs import Cluster
@@ -74,6 +83,23 @@ def test_algorithm2_is_the_brute_force_best_pair_per_node() -> None:
     assert per_node <= 4 and plan.inter_node_stages <= 2  # one stage's segments share a node
 
 
+def test_algorithm2_takes_a_cheaper_unit_when_the_best_one_needs_more_end_to_end() -> None:
+    model = toy_model(tps=(1, 2))
+    p = problem(model, rate=10.0, nodes=2, gpus=8)
+    cache: dict = {}  # type: ignore[type-arg]
+    best = algorithm2(p, cache)
+    # As if the end-to-end refinement had had to add two more units of the best one:
+    costly = replace(best, prefill=replace(best.prefill, instances=best.prefill.instances + 2),
+                     decode=replace(best.decode, instances=best.decode.instances + 2))
+    plan, att, note = cheaper_unit(p, cache, costly, 1.0, "refined")
+    assert plan.gpus < costly.gpus and plan.algorithm == 2
+    assert (plan.prefill.config, plan.decode.config) != (best.prefill.config, best.decode.config)
+    assert att >= SLO_.attainment_target and end_to_end(p, plan) == pytest.approx(att)
+    assert note is not None and f"meets the target with {plan.gpus}" in note
+    # Nothing cheaper than the cheapest: the plan and its note stay.
+    assert cheaper_unit(p, cache, plan, att, "kept") == (plan, att, "kept")
+
+
 def test_nothing_fits_in_memory_is_a_clear_error() -> None:
     model = toy_model(tps=(1,), capacity={(1, pp): 100 for pp in range(1, 5)})
     with pytest.raises(PlanError, match="fits in memory"):
@@ -95,11 +121,12 @@ def test_plan_is_deterministic_and_beats_the_colocated_baseline() -> None:
     db.pop("search_seconds")
     assert da == db
     assert a.attainment >= SLO_.attainment_target and a.fits_cluster
-    assert a.baseline is not None and 0 < a.baseline.per_gpu_goodput < a.goodput_per_gpu
+    assert a.baseline is not None and a.baseline.per_gpu_goodput > 0
     assert a.goodput >= p.rate * 0.98  # the planned deployment sustains the target rate end to end
     # The baseline replicated to the rate is simulated whole (least-loaded dispatch), not just multiplied out.
     base = a.baseline
     assert base.instances >= 1 and base.instances * base.goodput >= p.rate
+    assert a.gpus < base.instances * base.config.gpus  # fewer GPUs serve the target rate disaggregated
     assert base.deployed_goodput >= p.rate * 0.98
     assert da["baseline"]["deployed_goodput_per_gpu"] == round(base.deployed_per_gpu_goodput, 4)
 
