@@ -88,7 +88,7 @@ async def subscriptions_registered(nc: Any, timeout: float = 10.0) -> None:
 
     Not ``nc.flush()``: nats-py (2.16) writes its PING straight to the socket, ahead of SUBs still
     queued for its flusher task, so the PONG can come back before the server has seen them (the
-    test of this service then lost its first messages in about one run in 25). A message to
+    test of this service then lost its traffic in 8 of about 100 runs). A message to
     ourselves is queued behind the SUBs: when it comes back, the server has registered them.
     """
     sub = await nc.subscribe(nc.new_inbox(), max_msgs=1)
