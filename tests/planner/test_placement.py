@@ -12,6 +12,7 @@ from services.planner.goodput import find_goodput
 from services.planner.latency import LatencyModel
 from services.planner.placement import (
     Baseline,
+    Cache,
     PlanError,
     Problem,
     algorithm1,
@@ -86,7 +87,7 @@ def test_algorithm2_is_the_brute_force_best_pair_per_node() -> None:
 def test_algorithm2_takes_a_cheaper_unit_when_the_best_one_needs_more_end_to_end() -> None:
     model = toy_model(tps=(1, 2))
     p = problem(model, rate=10.0, nodes=2, gpus=8)
-    cache: dict = {}  # type: ignore[type-arg]
+    cache: Cache = {}
     best = algorithm2(p, cache)
     # As if the end-to-end refinement had had to add two more units of the best one:
     costly = replace(best, prefill=replace(best.prefill, instances=best.prefill.instances + 2),
