@@ -380,9 +380,10 @@ class ColocatedInstance(_Stepping):
         super().__init__(sim, step, 1, capacity, max_batch)
         self.budget = budget
         self.waiting: deque[tuple[int, int, int]] = deque()  # (request, tokens to prefill, remaining)
+        self.prefilling = 0  # requests in the prefill step in progress
 
     def load(self) -> int:
-        return self.batch.n + len(self.waiting)
+        return self.batch.n + len(self.waiting) + self.prefilling
 
     def submit(self, i: int) -> None:
         self.waiting.append((i, self.sim.inp[i], self.sim.out[i]))
@@ -411,6 +412,7 @@ class ColocatedInstance(_Stepping):
         if batch:
             self._reserve(tokens + len(batch))
             self.busy = True
+            self.prefilling = len(batch)
             self.sim.at(self.sim.now + self.step.prefill_time(tokens, sq), self._prefilled, batch)
         elif not self._start_decode():
             self.busy = False
@@ -426,6 +428,7 @@ class ColocatedInstance(_Stepping):
             else:
                 self.batch.add(i, length + 1, remaining - 1)
         self.busy = False
+        self.prefilling = 0
         self._next()
 
 

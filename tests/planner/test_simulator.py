@@ -66,6 +66,15 @@ def test_colocated_memory_limit_is_respected() -> None:
     assert r.peak_kv_tokens[0] <= 2500 and r.preemptions > 0
 
 
+def test_pooled_colocated_instances_count_the_prompt_they_are_prefilling(toy: LatencyModel) -> None:
+    """A request arriving while one instance prefills goes to the idle one: a prompt being prefilled
+    is outstanding work (it was once counted nowhere, and pooled instances queued behind each other)."""
+    trace = Trace(np.array([0.0, 0.01]), np.array([1000, 1000]), np.array([1, 1]))
+    r = simulate(Colocated(Parallel(1), 2), toy, trace)
+    alone = toy.step(1).prefill_time(1000, 1000 * 1000)
+    assert alone > 0.01 and r.ttft == pytest.approx([alone, alone])
+
+
 def test_a_request_larger_than_memory_is_refused() -> None:
     model = toy_model(tps=(1,), capacity={(1, 1): 100})
     with pytest.raises(ValueError, match="KV memory holds 100 tokens"):
