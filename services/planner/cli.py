@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from services.planner.latency import LatencyModel, load_profiles, reference_profiles, save_profiles
-from services.planner.simulator import Limits
+from services.planner.simulator import Limits, Parallel
 from services.planner.specs import Cluster, gpu_spec, model_key, model_shape
 from services.planner.workload import Lengths, load_lengths, make_trace, synthetic_lengths
 from shared.argtypes import fraction, positive_float, positive_int, positive_ints
@@ -16,7 +16,13 @@ from shared.workloads import SLO
 REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
 
 
-
+def parallel_arg(text: str) -> Parallel:
+    """TPxPP (or TP alone), e.g. 2x1."""
+    try:
+        tp, _, pp = text.lower().partition("x")
+        return Parallel(int(tp), int(pp or 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TPxPP with positive integers, e.g. 2x1; got {text!r}") from None
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -85,13 +91,23 @@ def register(subparsers: Any) -> None:
                       help="with --refit: only these workers' steps, e.g. prefill-0,decode-0 (default: all)")
     prof.set_defaults(func=_guard(run_profile))
 
-    sim = subparsers.add_parser("simulate", help="simulator vs reality: replay a measured run (requests.json) "
-                                                 "and compare predicted with measured SLO attainment")
-    sim.add_argument("--profile", required=True, help="profile JSON of this machine from `distserve profile`")
-    sim.add_argument("--requests", required=True, help="requests.json written by `distserve bench serve|compare`")
+    sim = subparsers.add_parser("simulate", help="simulator vs reality: replay measured runs and compare "
+                                                 "predicted with measured SLO attainment")
+    sim.add_argument("--profile", required=True,
+                     help="profile JSON of the machine that ran them (`distserve profile`), or reference "
+                          f"(with --model: {REFERENCE_NOTE}; colocated runs use vLLM's)")
+    sim.add_argument("--model", help="with --profile reference: opt-13b or opt-66b")
+    runs = sim.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--requests", help="requests.json written by `distserve bench serve|compare`")
+    runs.add_argument("--artifact-runs", nargs="+", metavar="RUN",
+                      help="runs the DistServe artifact measured on A100s: its <system>-<requests>-<rate>.exp "
+                           "files (simdistserve/benchmarks/alignment/data-ground-truth), or CSV copies of them")
     sim.add_argument("--deployment", choices=["disagg", "colocated"], default="disagg",
                      help="disagg: 1 prefill + 1 decode instance; colocated: --instances colocated instances")
     sim.add_argument("--instances", type=positive_int, default=1)
+    sim.add_argument("--prefill", type=parallel_arg, default="1x1", help="disagg prefill instance, TPxPP")
+    sim.add_argument("--decode", type=parallel_arg, default="1x1", help="disagg decode instance, TPxPP")
+    sim.add_argument("--tp", type=positive_int, default=1, help="colocated instance's tensor parallelism")
     sim.add_argument("--ttft", type=positive_float, required=True, help="TTFT SLO, seconds")
     sim.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
     sim.add_argument("--prefill-budget", type=positive_int, default=2048, help="the workers' max_num_batched_tokens")
@@ -99,7 +115,7 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--server-side", action="store_true",
                      help="measure TTFT/TPOT as the gateway stamped them (timelines.json beside requests.json, "
                           "from `bench compare`), not as the load generator saw them")
-    sim.set_defaults(func=_guard(run_simulate))
+    sim.set_defaults(func=_guard(run_simulate), gpu="a100")
 
     from services.planner.service import register_service
 
@@ -241,23 +257,37 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from services.planner.replay import load_runs, replay, server_runs
-    from services.planner.simulator import Colocated, Disaggregated, Parallel
+    from services.planner.replay import artifact_runs, load_runs, replay, server_runs
+    from services.planner.simulator import Colocated, Deployment, Disaggregated
 
-    models = load_profiles(args.profile)
-    if len(models) != 1:
-        raise ValueError(f"{args.profile} holds {len(models)} profiles; simulate takes one machine's profile")
-    (model,) = models.values()
-    one = Parallel(1)
-    deployment = (Disaggregated(one, 1, one, 1) if args.deployment == "disagg"
-                  else Colocated(one, args.instances))
     slo = SLO(args.ttft, args.tpot)
-    requests = Path(args.requests)
-    runs = server_runs(requests.parent / "timelines.json") if args.server_side else load_runs(requests)
+    if args.deployment == "disagg":
+        deployment: Deployment = Disaggregated(args.prefill, 1, args.decode, 1)
+    else:
+        deployment = Colocated(Parallel(args.tp), args.instances)
+    if args.profile == "reference":
+        if not args.model:
+            raise ValueError("--profile reference needs --model (opt-13b or opt-66b)")
+        ours, vllm = resolve_profiles(args)
+        model = vllm if args.deployment == "colocated" else ours
+    else:
+        models = load_profiles(args.profile)
+        if len(models) != 1:
+            raise ValueError(f"{args.profile} holds {len(models)} profiles; simulate takes one machine's profile")
+        (model,) = models.values()
+    if args.artifact_runs:
+        if args.server_side:
+            raise ValueError("--server-side needs --requests (the artifact's runs were timed by its client)")
+        runs = artifact_runs([Path(path) for path in args.artifact_runs])
+    else:
+        requests = Path(args.requests)
+        runs = server_runs(requests.parent / "timelines.json") if args.server_side else load_runs(requests)
     points = replay(runs, deployment, model, slo,
                     Limits(prefill_token_budget=args.prefill_budget, max_batch=args.max_batch))
     seen_by = "the gateway" if args.server_side else "the client"
-    table = Table(title=f"{args.deployment}: SLO attainment measured (by {seen_by}) vs simulated with "
+    shape = (f"prefill {deployment.prefill}, decode {deployment.decode}" if isinstance(deployment, Disaggregated)
+             else f"{deployment.num_instances} x {deployment.config}")
+    table = Table(title=f"{args.deployment} ({shape}): SLO attainment measured (by {seen_by}) vs simulated with "
                         f"{model.hardware} profile (TTFT {args.ttft:g} s, TPOT {args.tpot:g} s)")
     for column in ("rate", "requests", "measured", "simulated", "error (pp)", "TTFT p50 ms measured / simulated",
                    "TPOT p50 ms measured / simulated"):

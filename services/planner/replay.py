@@ -10,10 +10,16 @@ to the attainment that was measured.
 `server_runs` turns those into rows of the same shape, with TTFT and TPOT as the gateway saw them
 (from a request's arrival to its first token, and from there to its last): the system's latencies
 without the load generator's own, which on a small machine competes with the services for CPU.
+
+`artifact_runs` reads the runs the DistServe artifact measured on A100s (its `.exp` files: one Python
+list of per-request records, named `<system>-<requests>-<rate>.exp`), or our CSV copies of them, so
+the simulator with the A100 reference profiles can be checked against real GPUs.
 """
 
 from __future__ import annotations
 
+import ast
+import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -83,6 +89,54 @@ def server_runs(path: Path) -> dict[float, list[Mapping[str, Any]]]:
     if not runs:
         raise ValueError(f"{path} has no request timelines")
     return runs
+
+
+ARTIFACT_FIELDS = ("prompt_len", "output_len", "issue_time", "ttft_ms", "tpot_ms")
+
+
+def artifact_runs(paths: Sequence[Path]) -> dict[float, list[Mapping[str, Any]]]:
+    """The DistServe artifact's measured runs as requests.json-like rows, by the rate in each file's name.
+
+    A file is the artifact's `.exp` (its first line a Python literal, read with ast.literal_eval: nothing is
+    executed) or a `.csv` with a header naming at least ARTIFACT_FIELDS.
+    """
+    runs: dict[float, list[Mapping[str, Any]]] = {}
+    for path in paths:
+        try:
+            rate = float(path.stem.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"{path.name}: expected a name ending in -<rate>, e.g. vllm-300-3.exp") from None
+        if rate in runs:
+            raise ValueError(f"{path.name}: a second run at rate {rate:g}")
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                records: list[Mapping[str, Any]] = list(csv.DictReader(f))
+        else:
+            try:  # the records are the first line; a summary of the run follows
+                with path.open() as f:
+                    literal = ast.literal_eval(f.readline())
+            except (SyntaxError, ValueError):
+                literal = None
+            if not isinstance(literal, list) or not all(isinstance(r, dict) for r in literal):
+                raise ValueError(f"{path.name}: not a list of request records")
+            records = literal
+        missing = [name for name in ARTIFACT_FIELDS if records and name not in records[0]]
+        if not records or missing:
+            raise ValueError(f"{path.name}: no requests" if not records else f"{path.name}: no field {missing[0]}")
+        try:
+            runs[rate] = [_artifact_row(rate, r) for r in records]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path.name}: a bad request record ({type(e).__name__}: {e})") from None
+    if not runs:
+        raise ValueError("no runs given")
+    return runs
+
+
+def _artifact_row(rate: float, r: Mapping[str, Any]) -> Mapping[str, Any]:
+    outputs = int(r["output_len"])
+    return {"rate": rate, "sent_s": float(r["issue_time"]), "prompt_tokens": int(r["prompt_len"]),
+            "input_tokens": int(r["prompt_len"]), "output_tokens": outputs, "expected_output_tokens": outputs,
+            "ttft": float(r["ttft_ms"]) / 1e3, "tpot": float(r["tpot_ms"]) / 1e3 if outputs > 1 else None}
 
 
 def measured_attainment(rows: Sequence[Mapping[str, Any]], slo: SLO) -> float:

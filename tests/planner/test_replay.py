@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 
 from services.cli import main
-from services.planner.replay import load_runs, measured_attainment, replay, server_runs, trace_of
-from services.planner.simulator import Disaggregated, Limits, Parallel, simulate
+from services.planner.latency import reference_profiles
+from services.planner.replay import (
+    ARTIFACT_FIELDS,
+    artifact_runs,
+    load_runs,
+    measured_attainment,
+    replay,
+    server_runs,
+    trace_of,
+)
+from services.planner.simulator import Colocated, Disaggregated, Limits, Parallel, simulate
 from services.planner.workload import Trace
 from shared.workloads import SLO
 from tests.planner.conftest import toy_model
@@ -100,6 +109,95 @@ def test_server_side_rows_come_from_the_gateways_stamps(tmp_path: Path, capsys: 
         server_runs(_write(tmp_path / "empty.json", {"20.0": [{"status": "queued"}]}))
 
 
+def artifact_records(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Rows as the DistServe artifact's client recorded them (times in seconds of its clock, latencies in ms)."""
+    return [{"prompt_len": r["prompt_tokens"], "output_len": r["output_tokens"], "issue_time": r["sent_s"],
+             "first_token_time": r["sent_s"] + r["ttft"],  # type: ignore[operator]
+             "ttft_ms": r["ttft"] * 1e3, "tpot_ms": (r["tpot"] or 0.0) * 1e3}  # type: ignore[operator]
+            for r in rows]
+
+
+def test_the_artifacts_runs_replay_like_ours(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its .exp files (a Python literal) and CSV copies of them; the rate comes from the file's name."""
+    fast, slow = recorded_run(20.0, 150, 5), recorded_run(60.0, 150, 6)
+    (tmp_path / "distserve-c11d11-150-20.exp").write_text(repr(artifact_records(fast)) + "\nnum_requests: 150\n")
+    records = artifact_records(slow)
+    lines = [",".join(records[0])] + [",".join(repr(v) for v in r.values()) for r in records]
+    (tmp_path / "distserve-c11d11-150-60.csv").write_text("\n".join(lines) + "\n")
+    runs = artifact_runs(sorted(tmp_path.iterdir()))
+    assert sorted(runs) == [20.0, 60.0] and len(runs[60.0]) == 150
+    points = replay(runs, DEPLOYMENT, toy_model(), SLO_, Limits())
+    for point, rows in zip(points, (fast, slow), strict=True):
+        assert point.predicted == pytest.approx(point.measured) == pytest.approx(measured_attainment(rows, SLO_))
+    assert points[1].measured < points[0].measured
+
+    from services.planner.latency import save_profiles
+
+    save_profiles(tmp_path / "profile.json", [toy_model(tps=(1,))])
+    files = [str(tmp_path / "distserve-c11d11-150-20.exp"), str(tmp_path / "distserve-c11d11-150-60.csv")]
+    args = ["simulate", "--profile", str(tmp_path / "profile.json"), "--ttft", "0.1", "--tpot", "0.02",
+            "--artifact-runs", *files]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prefill TP1xPP1, decode TP1xPP1" in out and "largest difference: 0.0 percentage points" in out
+
+
+def test_artifact_runs_reject_what_they_cannot_replay(tmp_path: Path) -> None:
+    good = repr(artifact_records(recorded_run(5.0, 3, 7)))
+    for name, text, error in [("vllm.exp", good, "name ending in -<rate>"), ("vllm-10-2.exp", "[]", "no requests"),
+                              ("vllm-10-3.exp", "[{'prompt_len': 3}]", "no field output_len"),
+                              ("vllm-10-5.csv", ",".join(ARTIFACT_FIELDS) + "\n1,,0,1,1\n", "a bad request record")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=error):
+            artifact_runs([tmp_path / name])
+    (tmp_path / "a-10-2.exp").write_text(good)
+    (tmp_path / "b-20-2.exp").write_text(good)
+    with pytest.raises(ValueError, match="second run at rate 2"):
+        artifact_runs([tmp_path / "a-10-2.exp", tmp_path / "b-20-2.exp"])
+    (tmp_path / "evil-10-4.exp").write_text("__import__('os').system('true')")
+    with pytest.raises(ValueError, match="not a list of request records"):  # a literal only: nothing runs
+        artifact_runs([tmp_path / "evil-10-4.exp"])
+
+
+def test_simulate_with_the_reference_profiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An A100 run replays with the published profiles: DistServe's for disagg, vLLM's for colocated."""
+    (tmp_path / "vllm-20-1.exp").write_text(repr(artifact_records(recorded_run(1.0, 20, 8))))
+    run = str(tmp_path / "vllm-20-1.exp")
+    common = ["simulate", "--profile", "reference", "--ttft", "0.25", "--tpot", "0.1", "--artifact-runs", run]
+    assert main([*common, "--model", "opt-13b", "--deployment", "colocated", "--tp", "2"]) == 0
+    assert "1 x TP2xPP1" in capsys.readouterr().out
+    assert main([*common, "--model", "opt-13b", "--prefill", "2x1", "--decode", "1x2"]) == 0
+    assert "prefill TP2xPP1, decode TP1xPP2" in capsys.readouterr().out
+    assert main(common) == 2 and "needs --model" in capsys.readouterr().err
+    assert main([*common, "--model", "opt-13b", "--prefill", "3x1"]) == 2  # no TP3 profile for OPT-13B
+    with pytest.raises(SystemExit):
+        main([*common, "--model", "opt-13b", "--prefill", "2y1"])
+
+
 def _write(path: Path, data: object) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+A100_RUNS = Path(__file__).parents[2] / "services" / "planner" / "profiles" / "a100-runs"
+
+
+def test_the_simulator_against_the_artifacts_a100_runs() -> None:
+    """The DistServe artifact's measured OPT-13B runs (ShareGPT, A100s) replayed with the published profiles.
+
+    Below the knee (up to 2 req/s per GPU) the simulator predicts DistServe's attainment within 3 pp;
+    and it reaches the runs' verdicts: prefill TP2 + decode TP1 meets 90% at 6 req/s on 3 GPUs, vLLM at
+    TP1 meets 90% at no measured rate (docs/planner.md has the whole comparison).
+    """
+    slo = SLO(ttft_s=0.25, tpot_s=0.1)
+    profiles = {name: reference_profiles(name)["opt-13b"] for name in ("distserve", "vllm")}
+    limits = Limits(max_batch=256)
+    disagg = replay(artifact_runs(sorted(A100_RUNS.glob("distserve-c21d11-*.csv"))),
+                    Disaggregated(Parallel(2), 1, Parallel(1), 1), profiles["distserve"], slo, limits)
+    assert [p.rate for p in disagg] == [3, 4.5, 6, 7.5, 9, 10.5, 12]
+    for point in disagg[:3]:
+        assert abs(point.error_pp) <= 3 and point.measured >= 0.9 and point.predicted >= 0.9
+    colocated = replay(artifact_runs(sorted(A100_RUNS.glob("vllm-tp1-*.csv"))), Colocated(Parallel(1)),
+                       profiles["vllm"], slo, limits)
+    assert len(colocated) == 7
+    assert max(p.measured for p in colocated) < 0.9 and max(p.predicted for p in colocated) < 0.9
