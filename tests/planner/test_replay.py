@@ -191,13 +191,14 @@ def test_the_simulator_against_the_artifacts_a100_runs() -> None:
     """
     slo = SLO(ttft_s=0.25, tpot_s=0.1)
     profiles = {name: reference_profiles(name)["opt-13b"] for name in ("distserve", "vllm")}
-    limits = Limits(max_batch=256)
+    # the batch limits the artifact's servers ran with (evaluation/2-benchmark-serving/2-start-api-server.py)
     disagg = replay(artifact_runs(sorted(A100_RUNS.glob("distserve-c21d11-*.csv"))),
-                    Disaggregated(Parallel(2), 1, Parallel(1), 1), profiles["distserve"], slo, limits)
+                    Disaggregated(Parallel(2), 1, Parallel(1), 1), profiles["distserve"], slo,
+                    Limits(prefill_token_budget=32768, max_batch=1024))
     assert [p.rate for p in disagg] == [3, 4.5, 6, 7.5, 9, 10.5, 12]
     for point in disagg[:3]:
         assert abs(point.error_pp) <= 3 and point.measured >= 0.9 and point.predicted >= 0.9
     colocated = replay(artifact_runs(sorted(A100_RUNS.glob("vllm-tp1-*.csv"))), Colocated(Parallel(1)),
-                       profiles["vllm"], slo, limits)
+                       profiles["vllm"], slo, Limits(prefill_token_budget=65536, max_batch=1024))
     assert len(colocated) == 7
     assert max(p.measured for p in colocated) < 0.9 and max(p.predicted for p in colocated) < 0.9
