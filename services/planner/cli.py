@@ -123,13 +123,16 @@ def register(subparsers: Any) -> None:
 
 
 def _guard(fn: Any) -> Any:
-    """Bad input (ValueError) becomes a one-line error and exit status 2, like argparse's own errors."""
+    """Bad input (ValueError, or a file that cannot be read) becomes a one-line error and exit status 2,
+    like argparse's own errors."""
     def run(args: argparse.Namespace) -> int:
         try:
             return int(fn(args) or 0)
         except ValueError as e:
             print(f"distserve {args.command}: error: {e}", file=sys.stderr)
-            return 2
+        except OSError as e:
+            print(f"distserve {args.command}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return run
 
 

@@ -169,6 +169,9 @@ def test_simulate_with_the_reference_profiles(tmp_path: Path, capsys: pytest.Cap
     assert main([*common, "--model", "opt-13b", "--prefill", "2x1", "--decode", "1x2"]) == 0
     assert "prefill TP2xPP1, decode TP1xPP2" in capsys.readouterr().out
     assert main(common) == 2 and "needs --model" in capsys.readouterr().err
+    for missing in (["--artifact-runs", str(tmp_path / "vllm-1-2.exp")], ["--requests", str(tmp_path / "r.json")]):
+        args = ["simulate", "--profile", "reference", "--model", "opt-13b", "--ttft", "1", "--tpot", "1", *missing]
+        assert main(args) == 2 and "No such file" in capsys.readouterr().err
     assert main([*common, "--model", "opt-13b", "--prefill", "3x1"]) == 2  # no TP3 profile for OPT-13B
     with pytest.raises(SystemExit):
         main([*common, "--model", "opt-13b", "--prefill", "2y1"])
