@@ -28,7 +28,7 @@ import httpx
 from shared.argtypes import cpu_list
 from shared.config import COMMON_FLAGS, GATEWAY_FLAGS, Settings, add_config_flag, add_flags, settings_from_args
 from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, pin_process
-from shared.engine.model_files import cache_dir
+from shared.model_files import cache_dir
 from shared.servers import NatsServer, RedisServer, ServerProcess
 
 log = logging.getLogger("distserve.up")

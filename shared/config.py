@@ -13,9 +13,9 @@ import contextvars
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +24,9 @@ from pydantic_settings import (
 )
 
 Mode = Literal["disaggregated", "colocated"]
+Role = Literal["prefill", "decode", "colocated"]
+DType = Literal["float32", "bfloat16"]
+Weights = Literal["native", "fp16", "int8"]  # linear weights: in the engine's dtype, or fp16 / int8 (quant.py)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
@@ -34,34 +37,60 @@ class _Section(BaseModel):
 
 
 class EngineSettings(_Section):
-    """Engine knobs of one worker role (see shared.engine.EngineConfig)."""
+    """How one engine instance runs: the one definition of the engine's knobs.
 
-    max_num_batched_tokens: int = Field(default=2048, ge=1, description="prefill token budget per step (L_m)")
+    `shared.engine.EngineConfig` is these plus which model and role; each worker role's section of
+    `Settings` is these plus how the worker shares the CPU (`RoleSettings`).
+    """
+
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="prefill token budget per step (L_m); "
+                                        "a longer prompt runs alone")
     max_num_seqs: int = Field(default=64, ge=1, description="decode batch cap")
-    block_size: int = Field(default=16, ge=1)
-    kv_cache_memory_gib: float = Field(default=1.0, gt=0)
-    num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: share of the cores")
-    chunked_prefill: bool = False
+    block_size: int = Field(default=16, ge=1, description="tokens per KV block")
+    kv_cache_memory_gib: float = Field(default=1.0, gt=0, description="KV pool size; its capacity in blocks "
+                                       "derives from it")
+    max_model_len: int | None = Field(default=None, ge=1, description="context length; None: the model's")
+    num_threads: int | None = Field(default=None, ge=1, description="torch threads; None: all cores (workers: "
+                                    "`up` gives each its share)")
+    chunked_prefill: bool = Field(default=False, description="colocated only: Sarathi-style prefill chunks "
+                                  "mixed with decodes")
+    dtype: DType = Field(default="float32", description="weights, activations and KV")
+    # fp16: FBGEMM's kernels, about 1.5-2.5x faster decode on CPU than fp32, logits within ~1e-3 of it
+    # (shared/engine/quant.py).
+    weights: Weights = Field(default="fp16", description="linear weights: native (in dtype), fp16 or int8 "
+                             "(both with float32 activations)")
+    # Decode-only steps as one torch.compile graph: about 1.5x faster decode at batch 1 with fp16 weights,
+    # paid for with 12-15 s (warm inductor cache) to 1.5 min (cold) of compiling at engine start.
+    compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
+    paged_attention: bool = Field(default=True, description="decode attention by a C++ kernel over the paged "
+                                  "cache (else gather + SDPA)")
+    pack_bf16: bool = Field(default=True, description="bfloat16 linear weights reordered once for oneDNN, where "
+                            "the CPU has its kernels")
+
+    @field_validator("weights", "dtype", mode="before")
+    @classmethod
+    def _one_of(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = get_args(Weights if info.field_name == "weights" else DType)
+        if value not in allowed:
+            raise ValueError(f"{info.field_name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_need_float32(self) -> Self:
+        if self.weights != "native" and self.dtype != "float32":
+            raise ValueError(f"weights={self.weights} runs with float32 activations: set weights=native for "
+                             f"dtype={self.dtype}")
+        return self
+
+
+class RoleSettings(EngineSettings):
+    """One worker role's settings: its engine's, plus how its worker processes share the CPU."""
+
     step_interval_s: float = Field(default=0.0, ge=0, le=10, description="decode only: start steps at most this "
                                    "often (a TPOT pace under the SLO), leaving the rest of each interval to the "
                                    "workers sharing the cores; 0: step as fast as possible")
     nice: int = Field(default=0, ge=0, le=19, description="lower the workers' CPU priority by this (Linux nice): "
                       "on shared cores, the other roles run first (shared/cpus.py lower_priority)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # fp16: FBGEMM's kernels, about 1.5-2.5x faster decode on CPU than fp32, logits within ~1e-3 of it
-    # (shared/engine/quant.py). Spelled out, not imported: the gateway loads these settings without torch.
-    weights: Literal["native", "fp16", "int8"] = Field(default="fp16",
-                                                       description="linear weights: native (dtype), fp16 or int8")
-    # Decode-only steps as one torch.compile graph: about 1.5x faster decode at batch 1 with fp16 weights,
-    # paid for with 12-15 s (warm inductor cache) to 1.5 min (cold) of compiling at worker start.
-    compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
-
-    @model_validator(mode="after")
-    def _weights_need_float32(self) -> EngineSettings:
-        if self.weights != "native" and self.dtype != "float32":
-            raise ValueError(f"weights={self.weights} runs with float32 activations: set weights=native for "
-                             f"dtype={self.dtype}")
-        return self
 
 
 class GatewaySettings(_Section):
@@ -107,9 +136,13 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     worker: WorkerSettings = WorkerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
-    prefill: EngineSettings = EngineSettings()
-    decode: EngineSettings = EngineSettings()
-    colocated: EngineSettings = EngineSettings()
+    prefill: RoleSettings = RoleSettings()
+    decode: RoleSettings = RoleSettings()
+    colocated: RoleSettings = RoleSettings()
+
+    def role(self, role: Role) -> RoleSettings:
+        section: RoleSettings = getattr(self, role)
+        return section
 
     @field_validator("nats_url")
     @classmethod

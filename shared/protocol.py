@@ -7,7 +7,7 @@ Within a version, fields are only ever added with defaults (unknown fields are i
 KV bytes never travel here: a message carries a `KVHandle` (where to pull from), the bytes move
 over the KV transport (shared/transfer).
 
-Flow (docs/serving.md has the numbered steps):
+Flow (docs/architecture.md has the numbered steps):
   gateway --PrefillRequest--> prefill.<id>.submit
   prefill --TokenBatch (first token + KVHandle)--> gateway.<id>.tokens
   gateway --DecodeRequest--> decode.<id>.submit
@@ -15,18 +15,22 @@ Flow (docs/serving.md has the numbered steps):
   decode --TokenBatch (one message per step)--> gateway.<id>.tokens
   every worker --WorkerInfo--> workers.heartbeat (load reports); --WorkerBye--> workers.bye
   gateway --AbortRequest--> requests.abort (every worker listens)
+  planner --PlanMessage--> planner.plan (the recommended deployment; it listens to the subjects above)
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from shared.config import Role
+from shared.sampling_params import SamplingParams
 
 PROTOCOL_VERSION = 1
 PREFIX = f"distserve.v{PROTOCOL_VERSION}"
 
-Role = Literal["prefill", "decode", "colocated"]
+__all__ = ["PREFIX", "Role", "SamplingParams"]  # re-exported: the wire carries them
 
 
 class Subjects:
@@ -35,11 +39,18 @@ class Subjects:
     heartbeat = f"{PREFIX}.workers.heartbeat"
     bye = f"{PREFIX}.workers.bye"
     abort = f"{PREFIX}.requests.abort"
+    plan = f"{PREFIX}.planner.plan"
+    all_tokens = f"{PREFIX}.gateway.*.tokens"  # every gateway's inbox (the planner watches them)
 
     @staticmethod
     def submit(role: Role, instance_id: str) -> str:
         """New work for one worker: PrefillRequest (prefill, colocated) or DecodeRequest (decode)."""
         return f"{PREFIX}.{role}.{instance_id}.submit"
+
+    @staticmethod
+    def all_submits(role: Role) -> str:
+        """New work for every worker of a role (the planner watches arrivals)."""
+        return f"{PREFIX}.{role}.*.submit"
 
     @staticmethod
     def release(instance_id: str) -> str:
@@ -67,21 +78,6 @@ M = TypeVar("M", bound=Message)
 def decode(kind: type[M], data: bytes) -> M:
     """Parse one message; pydantic.ValidationError on a malformed or other-version message."""
     return kind.model_validate_json(data)
-
-
-class Sampling(BaseModel):
-    """Sampling parameters as they travel; the engine's SamplingParams takes the same fields."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # disabled
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
 
 
 class WorkerLoad(BaseModel):
@@ -122,13 +118,35 @@ class PrefillRequest(Message):
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: Sampling
+    sampling: SamplingParams
     reply_to: str  # the gateway's tokens subject
     arrived_at: float  # wall-clock time the gateway accepted it
 
 
+class KVMeta(BaseModel):
+    """What a decode engine needs, besides the KV bytes, to continue a request exactly (LLMEngine.kv_export)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    num_kv_tokens: int
+    num_blocks: int
+    block_size: int
+    block_nbytes: int
+    output_text: str  # text generated so far, and how much of it was already streamed
+    num_emitted_chars: int
+    dtype: str = "float32"  # of the exported KV; an importer in another dtype converts it (EngineConfig.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.block_nbytes
+
+
 class KVHandle(BaseModel):
-    """Where a request's KV cache waits to be pulled. `meta` is the engine's KVMeta, as JSON."""
+    """Where a request's KV cache waits to be pulled, and what the decode side needs to continue it."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -137,7 +155,7 @@ class KVHandle(BaseModel):
     address: str
     transfer_id: str
     nbytes: int
-    meta: dict[str, Any]
+    meta: KVMeta
 
 
 class DecodeRequest(Message):
@@ -191,6 +209,33 @@ class TokenBatch(Message):
     events: list[TokenEvent]
 
 
+class PhaseShape(BaseModel):
+    """How one phase is deployed: instances of tp x pp GPUs each."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    tp: int
+    pp: int
+    instances: int
+    gpus: int
+
+
+class PlanMessage(Message):
+    """The online planner's recommended deployment for the traffic it observed (services/planner/service.py)."""
+
+    model: str
+    hardware: str
+    rate: float  # req/s the plan serves
+    gpus: int
+    prefill: PhaseShape
+    decode: PhaseShape
+    goodput_per_gpu: float | None  # simulated; None where it is not a number
+    speedup_per_gpu: float | None = None  # over the colocated baseline, where it has one
+    reason: str  # why this plan was made now
+    observed_rate: float  # arrivals/s over the planner's window
+    at: float  # wall-clock time it was made
+
+
 MESSAGES: tuple[type[Message], ...] = (
-    WorkerInfo, WorkerBye, PrefillRequest, DecodeRequest, KVRelease, AbortRequest, TokenBatch,
+    WorkerInfo, WorkerBye, PrefillRequest, DecodeRequest, KVRelease, AbortRequest, TokenBatch, PlanMessage,
 )

@@ -70,12 +70,8 @@ class DecodeWorker(Worker):
         req = self.parse(p.DecodeRequest, msg)
         if req is None:
             return
-        tracked = DecodeTracked(req.request_id, req.reply_to, extract_context(msg.headers), time.time(), req)
-        try:
-            tracked.meta = KVMeta.model_validate(req.kv.meta)
-        except ValueError as exc:
-            await self._give_up(tracked, f"bad KV metadata: {exc}", 500)
-            return
+        tracked = DecodeTracked(req.request_id, req.reply_to, extract_context(msg.headers), time.time(), req,
+                                req.kv.meta)
         self.requests[req.request_id] = tracked
         self.pending.append(req.request_id)
         self.state.update(req.request_id, decode_instance=self.instance_id)

@@ -28,11 +28,11 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from services.gateway.sse import EventStreamResponse
 from shared.config import Settings
-from shared.engine.model_files import model_display_name
-from shared.engine.tokenizer import Tokenizer, load_tokenizer
+from shared.model_files import model_display_name
 from shared.protocol import TokenEvent
 from shared.state import StateWriter
 from shared.telemetry import Tracing
+from shared.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

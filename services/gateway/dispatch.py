@@ -89,7 +89,7 @@ class Dispatcher:
 
     # -- submitting ---------------------------------------------------------------------------------
 
-    async def submit(self, prompt_token_ids: list[int], sampling: p.Sampling, kind: str) -> InFlight:
+    async def submit(self, prompt_token_ids: list[int], sampling: p.SamplingParams, kind: str) -> InFlight:
         """Admit and dispatch a validated request, or raise APIError (503 no workers, 429 full)."""
         role = self.registry.entry_role()
         if role is None:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.protocol import Sampling
+from shared.sampling_params import SamplingParams, Seed, Temperature, TopK, TopP
 
 MAX_STOP = 4
 
@@ -35,12 +35,12 @@ class _Request(BaseModel):
     model: str = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = -1
     n: int = 1
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -51,13 +51,6 @@ class _Request(BaseModel):
     def _n(cls, v: int) -> int:
         if v != 1:
             raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
         return v
 
     @field_validator("stop")
@@ -92,9 +85,9 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: int) -> Sampling:
-        return Sampling(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        seed=self.seed, stop=self.stops, ignore_eos=self.ignore_eos)
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        seed=self.seed, stop=tuple(self.stops), ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_Request):

@@ -93,10 +93,11 @@ def profile_engine(config: EngineConfig, grid: Grid, name: str, hardware: str | 
                    seed: int = 0) -> LatencyModel:
     """Run ``grid`` on an engine built from ``config`` and fit the step formulas."""
     longest = max(max(grid.decode_contexts) + grid.decode_steps + 2, max(grid.prefill_lengths) + 1)
-    config = replace(config, role="colocated", chunked_prefill=False,
-                     max_num_batched_tokens=max(config.max_num_batched_tokens, grid.max_prefill_tokens),
-                     max_num_seqs=max(config.max_num_seqs, max(grid.decode_batches)),
-                     max_model_len=max(config.max_model_len or 0, longest))
+    config = EngineConfig(**{
+        **config.model_dump(), "role": "colocated", "chunked_prefill": False,
+        "max_num_batched_tokens": max(config.max_num_batched_tokens, grid.max_prefill_tokens),
+        "max_num_seqs": max(config.max_num_seqs, max(grid.decode_batches)),
+        "max_model_len": max(config.max_model_len or 0, longest)})
     engine = LLMEngine(config)
     if engine.max_model_len < longest:
         raise ValueError(f"the grid needs {longest}-token contexts; the model allows {engine.max_model_len}")

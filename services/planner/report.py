@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.planner.placement import PhasePlan, Plan
+from shared.protocol import PhaseShape, PlanMessage
 
 
 def _num(x: float, digits: int = 4) -> float | None:
@@ -49,6 +50,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         if b.deployed_per_gpu_goodput > 0:
             out["speedup_per_gpu_deployed"] = _num(plan.goodput_per_gpu / b.deployed_per_gpu_goodput, 3)
     return out
+
+
+def plan_message(plan: Plan, reason: str, observed_rate: float, at: float) -> PlanMessage:
+    """The plan as the online planner publishes it."""
+    def shape(p: PhasePlan) -> PhaseShape:
+        return PhaseShape(tp=p.config.tp, pp=p.config.pp, instances=p.instances, gpus=p.gpus)
+
+    speedup = None
+    if plan.baseline and plan.baseline.per_gpu_goodput > 0:
+        speedup = _num(plan.goodput_per_gpu / plan.baseline.per_gpu_goodput, 3)
+    return PlanMessage(model=plan.model, hardware=plan.hardware, rate=plan.rate, gpus=plan.gpus,
+                       prefill=shape(plan.prefill), decode=shape(plan.decode),
+                       goodput_per_gpu=_num(plan.goodput_per_gpu), speedup_per_gpu=speedup, reason=reason,
+                       observed_rate=observed_rate, at=at)
 
 
 def plan_json(plan: Plan) -> str:

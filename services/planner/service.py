@@ -5,8 +5,8 @@ Monitoring only reads messages the system already sends (no protocol change):
   - ``TokenBatch`` on ``gateway.*.tokens``: a request's first event is its first token (TTFT), its
     finished event gives the output length and, with the first, its TPOT;
   - ``WorkerInfo`` heartbeats: how many workers of each role run now.
-Policy (policy.py) decides; actuation here is advisory: the plan is published as JSON on
-``PLAN_SUBJECT`` and exported as Prometheus gauges (starting and stopping workers is left to an operator).
+Policy (policy.py) decides; actuation here is advisory: the plan is published as a `PlanMessage` on
+``Subjects.plan`` and exported as Prometheus gauges (starting and stopping workers is left to an operator).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 import time
@@ -27,13 +26,10 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import ValidationError
 
 from services.planner.policy import Observed, Policy, WindowStats, plan_for, should_replan, window_stats
-from services.planner.report import plan_to_dict
-from shared.protocol import PREFIX, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
+from services.planner.report import plan_message
+from shared.protocol import PlanMessage, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
 
 log = logging.getLogger(__name__)
-PLAN_SUBJECT = f"{PREFIX}.planner.plan"  # advisory output, JSON of report.plan_to_dict
-SUBMIT_SUBJECTS = (f"{PREFIX}.prefill.*.submit", f"{PREFIX}.colocated.*.submit")
-TOKENS_SUBJECT = f"{PREFIX}.gateway.*.tokens"
 
 
 class Tracker:
@@ -116,12 +112,12 @@ class Gauges:
         for role in ("prefill", "decode", "colocated"):
             self.workers.labels(role).set(sum(1 for r in workers.values() if r == role))
 
-    def plan(self, plan: dict[str, Any]) -> None:
-        for phase in ("prefill", "decode"):
-            self.instances.labels(phase).set(plan[phase]["instances"])
-            self.tp.labels(phase).set(plan[phase]["tp"])
-            self.pp.labels(phase).set(plan[phase]["pp"])
-        self.gpus.set(plan["gpus"])
+    def plan(self, plan: PlanMessage) -> None:
+        for phase, shape in (("prefill", plan.prefill), ("decode", plan.decode)):
+            self.instances.labels(phase).set(shape.instances)
+            self.tp.labels(phase).set(shape.tp)
+            self.pp.labels(phase).set(shape.pp)
+        self.gpus.set(plan.gpus)
         self.replans.inc()
 
 
@@ -134,7 +130,7 @@ class PlannerService:
         self.tracker = Tracker(keep=window)
         self.gauges = Gauges(registry or CollectorRegistry())
         self.last: WindowStats | None = None
-        self.plans: list[dict[str, Any]] = []
+        self.plans: list[PlanMessage] = []
         self.ready = asyncio.Event()  # set once the server has registered every subscription
 
     async def _on_submit(self, msg: Msg) -> None:
@@ -160,7 +156,7 @@ class PlannerService:
             return
         self.tracker.workers[info.instance_id] = info.role
 
-    async def tick(self, nc: Any, now: float | None = None) -> dict[str, Any] | None:
+    async def tick(self, nc: Any, now: float | None = None) -> PlanMessage | None:
         """One policy evaluation; publishes and returns the new plan if one was made."""
         now = time.time() if now is None else now
         stats = window_stats(self.tracker.requests(now), now, self.window, self.policy.slo)
@@ -173,21 +169,21 @@ class PlannerService:
         except ValueError as e:  # PlanError included: keep serving the old plan, say why
             log.warning("replan (%s) failed: %s", reason, e)
             return None
-        out = plan_to_dict(plan) | {"reason": reason, "observed_rate": stats.rate, "at": now}
+        out = plan_message(plan, reason=reason, observed_rate=stats.rate, at=now)
         self.last = stats
         self.plans.append(out)
         self.gauges.plan(out)
-        await nc.publish(PLAN_SUBJECT, json.dumps(out).encode())
-        log.info("new plan (%s): prefill %s x%d, decode %s x%d", reason, out["prefill"]["tp"],
-                 out["prefill"]["instances"], out["decode"]["tp"], out["decode"]["instances"])
+        await nc.publish(Subjects.plan, out.encode())
+        log.info("new plan (%s): prefill TP%d x%d, decode TP%d x%d", reason, out.prefill.tp,
+                 out.prefill.instances, out.decode.tp, out.decode.instances)
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
         nc = await nats.connect(self.nats_url)
         try:
-            for subject in SUBMIT_SUBJECTS:
-                await nc.subscribe(subject, cb=self._on_submit)
-            await nc.subscribe(TOKENS_SUBJECT, cb=self._on_tokens)
+            for role in ("prefill", "colocated"):
+                await nc.subscribe(Subjects.all_submits(role), cb=self._on_submit)
+            await nc.subscribe(Subjects.all_tokens, cb=self._on_tokens)
             await nc.subscribe(Subjects.heartbeat, cb=self._on_heartbeat)
             await subscriptions_registered(nc)
             self.ready.set()

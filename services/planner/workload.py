@@ -124,11 +124,11 @@ def load_lengths(name: str, num_requests: int = 4000, seed: int = 0, max_total_t
 def token_counter(tokenizer: str) -> Callable[[str], int]:
     """Counts a text's tokens: ``opt`` as OPT's tokenizer does (GPT-2's BPE, see ``gpt2_encoding``, plus
     the BOS token OPT prepends); anything else is a serving tokenizer
-    (``shared.engine.tokenizer.load_tokenizer``: 'default', a .gguf file or a model directory)."""
+    (``shared.tokenizer.load_tokenizer``: 'default', a .gguf file or a model directory)."""
     if tokenizer == "opt":
         encoding = gpt2_encoding()
         return lambda text: len(encoding.encode_ordinary(text)) + 1
-    from shared.engine.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(tokenizer)

@@ -84,7 +84,7 @@ class PrefillWorker(Worker):
             tracked.held_since = time.monotonic()
             handle = p.KVHandle(prefill_instance=self.instance_id, transport=self.transport.name,
                                 address=self.transport.address, transfer_id=out.request_id, nbytes=export.nbytes,
-                                meta=export.meta.model_dump(mode="json"))
+                                meta=export.meta)
             events.append((tracked.reply_to, self.event(out, kv=handle)))
         await self.send_events(events)  # the first tokens leave before the bookkeeping below
         for out, tracked in served:

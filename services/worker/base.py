@@ -29,9 +29,9 @@ from opentelemetry.context import Context
 
 from services.worker.runner import EngineRunner, StepResult
 from shared import protocol as p
-from shared.config import EngineSettings, Settings
+from shared.config import RoleSettings, Settings
 from shared.cpus import lower_priority
-from shared.engine import EngineConfig, LLMEngine, SamplingParams, StepOutput
+from shared.engine import EngineConfig, LLMEngine, StepOutput
 from shared.protocol import M
 from shared.state import StateWriter, push_steps, steps_key
 from shared.telemetry import Tracing
@@ -60,7 +60,7 @@ class Worker(ABC):
     def __init__(self, settings: Settings, instance_id: str) -> None:
         self.settings = settings
         self.instance_id = instance_id
-        self.engine_settings: EngineSettings = getattr(settings, self.role)
+        self.engine_settings: RoleSettings = settings.role(self.role)
         self.started_at = time.time()
         self.requests: dict[str, Any] = {}  # request id -> Tracked (or a role's subclass of it)
         self.exit_code = 0
@@ -105,13 +105,7 @@ class Worker(ABC):
     # -- lifecycle ------------------------------------------------------------------------------------
 
     def build_engine(self) -> LLMEngine:
-        s = self.engine_settings
-        return LLMEngine(EngineConfig(
-            model=self.settings.model, role=self.role, max_num_batched_tokens=s.max_num_batched_tokens,
-            max_num_seqs=s.max_num_seqs, block_size=s.block_size, kv_cache_memory_gib=s.kv_cache_memory_gib,
-            num_threads=s.num_threads, chunked_prefill=s.chunked_prefill, dtype=s.dtype,
-            weights=s.weights, compile=s.compile,
-        ))
+        return LLMEngine(EngineConfig.of(self.engine_settings, self.settings.model, self.role))
 
     def stop(self) -> None:
         self._stop.set()
@@ -207,8 +201,7 @@ class Worker(ABC):
     def admit(self, req: p.PrefillRequest, tracked: Tracked) -> None:
         """Queue a tokenized request in the engine (prefill and colocated roles)."""
         self.requests[req.request_id] = tracked
-        params = SamplingParams(**req.sampling.model_dump())
-        future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, params))
+        future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.sampling))
         future.add_done_callback(lambda f: self._admitted(req, f.exception()))
 
     def _admitted(self, req: p.PrefillRequest, error: BaseException | None) -> None:

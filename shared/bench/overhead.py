@@ -39,9 +39,9 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import load_settings
-from shared.engine.tokenizer import Tokenizer, load_tokenizer
 from shared.servers import free_port
 from shared.state import read_request
+from shared.tokenizer import Tokenizer, load_tokenizer
 
 # The TTFT overhead hop by hop: (label, from, to), timeline fields plus the client's "sent" and "first".
 PHASES = (

@@ -229,7 +229,7 @@ def api_from_args(args: argparse.Namespace) -> Api:
 
 
 def workload_from_args(args: argparse.Namespace) -> list[WorkloadRequest]:
-    from shared.engine.tokenizer import load_tokenizer  # slow import: only when a command runs
+    from shared.tokenizer import load_tokenizer  # slow import: only when a command runs
 
     tokenizer = load_tokenizer(args.tokenizer)
     return load_workload(args.workload, args.num_requests, args.seed,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Self
 
-Role = Literal["prefill", "decode", "colocated"]
-Weights = Literal["native", "fp16", "int8"]  # linear weights: in the engine's dtype, or fp16 / int8 (quant.py)
+from pydantic import model_validator
+
+from shared.config import EngineSettings, Role, Weights
+
+__all__ = ["EngineConfig", "ModelConfig", "Role", "Weights"]
 
 
 @dataclass(frozen=True)
@@ -44,37 +47,23 @@ class ModelConfig:
         return 2 * self.num_layers * self.kv_size * dtype_bytes
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How one engine instance runs. Validated once, never mutated."""
+class EngineConfig(EngineSettings):
+    """How one engine instance runs: the engine settings (shared/config.py) plus its model and role.
+
+    Validated once on construction, frozen.
+    """
 
     model: str = "default"  # "default" | path to .gguf | Hugging Face dir | "random:<json ModelConfig fields>"
     role: Role = "colocated"
-    max_num_batched_tokens: int = 2048  # prefill token budget per step (DistServe's L_m)
-    max_num_seqs: int = 64  # cap on sequences in one decode batch
-    block_size: int = 16
-    kv_cache_memory_gib: float = 1.0
-    max_model_len: int | None = None  # default: the model's context length
-    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default (all cores)
-    chunked_prefill: bool = False  # colocated only: Sarathi-style prefill chunks mixed with decodes
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    weights: Weights = "native"  # linear layers: in `dtype`, or fp16 / int8 weights (quant.py; float32 only)
     seed: int = 0  # random-model initialisation
-    compile: bool = False  # decode-only steps as one torch.compile graph (compiled.py); compiles at start
-    paged_attention: bool = True  # decode attention by a C++ kernel over the paged cache (else gather + SDPA)
-    pack_bf16: bool = True  # bfloat16 linear weights reordered once for oneDNN, where the CPU has its kernels
 
-    def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode", "colocated"):
-            raise ValueError(f"role must be prefill, decode or colocated, not {self.role!r}")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.kv_cache_memory_gib <= 0:
-            raise ValueError("kv_cache_memory_gib must be > 0")
-        if self.weights not in ("native", "fp16", "int8"):
-            raise ValueError(f"weights must be native, fp16 or int8, not {self.weights!r}")
-        if self.weights != "native" and self.dtype != "float32":
-            raise ValueError(f"weights={self.weights} runs with float32 activations (dtype float32)")
+    @model_validator(mode="after")
+    def _chunked_prefill_is_colocated(self) -> Self:
         if self.chunked_prefill and self.role != "colocated":
             raise ValueError("chunked_prefill applies to the colocated role only")
+        return self
+
+    @classmethod
+    def of(cls, engine: EngineSettings, model: str, role: Role) -> EngineConfig:
+        """A worker's engine: its role's settings (a RoleSettings keeps its CPU-sharing knobs to itself)."""
+        return cls(model=model, role=role, **{name: getattr(engine, name) for name in EngineSettings.model_fields})

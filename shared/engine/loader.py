@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.engine.config import ModelConfig
 from shared.engine.model import RotaryEmbedding, Transformer
-from shared.engine.model_files import cached_path, resolve_model, write_atomically
+from shared.model_files import cached_path, resolve_model, write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shared.engine.model_files import cache_dir, write_atomically
+from shared.model_files import cache_dir, write_atomically
 
 CSRC = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++20", "-shared", "-fPIC")

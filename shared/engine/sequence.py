@@ -4,45 +4,15 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import torch
 
-from shared.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-class SamplingParams(BaseModel):
-    """Per-request sampling, validated on construction (OpenAI semantics: temperature 0 is greedy)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_tokens: int = Field(default=16, ge=1, description="maximum number of tokens to generate")
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, description="-1 disables; otherwise keep the k most likely tokens")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: tuple[str, ...] = Field(default=(), max_length=16)
-    stop_token_ids: tuple[int, ...] = Field(default=(), max_length=64)
-    ignore_eos: bool = False
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int) -> int:
-        if v == 0 or v < -1:
-            raise ValueError("top_k must be -1 (disabled) or >= 1")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not s for s in v):
-            raise ValueError("stop strings must be non-empty")
-        return v
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+from shared.sampling_params import SamplingParams
+from shared.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 class Status(enum.Enum):
+    """Where a sequence is; only the scheduler changes it (shared/engine/scheduler.py)."""
+
     WAITING = "waiting"  # needs (re)prefill
     RUNNING = "running"  # in the decode batch
     HELD = "held"  # prefill role: first token out, KV kept until the decode side pulls it
@@ -60,6 +30,8 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        # Imported KV in another dtype than the engine's: received here, converted into the blocks at commit
+        self.kv_staging: torch.Tensor | None = None
         self.finish_reason: str | None = None
         self.detokenizer = IncrementalDetokenizer(tokenizer, self.output_token_ids)
         self.text = tokenizer.decode(self.output_token_ids)

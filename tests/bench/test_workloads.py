@@ -103,7 +103,7 @@ def test_synthetic_fixed_and_uniform_lengths() -> None:
 
 
 def test_synthetic_lengths_are_exact_with_a_real_bpe_tokenizer() -> None:
-    from shared.engine.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("default")
     requests = load_workload("synthetic:300:8", 5, count_tokens=lambda s: len(tokenizer.encode(s)))

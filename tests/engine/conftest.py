@@ -10,11 +10,11 @@ from shared.engine import EngineConfig, LLMEngine
 
 @pytest.fixture(scope="session")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(kv_cache_memory_gib=0.25))
+    return LLMEngine(EngineConfig(kv_cache_memory_gib=0.25, weights="native"))  # exact fp32: the reference
 
 
 def make_engine(**overrides: object) -> LLMEngine:
-    return LLMEngine(EngineConfig(**{"kv_cache_memory_gib": 0.25, **overrides}))  # type: ignore[arg-type]
+    return LLMEngine(EngineConfig(**{"kv_cache_memory_gib": 0.25, "weights": "native", **overrides}))  # type: ignore[arg-type]
 
 
 def run_to_completion(engine: LLMEngine) -> dict[str, list[int]]:

@@ -19,7 +19,7 @@ from shared.engine.quant import (
     convert_linears_,
     pack_bf16_linears_,
 )
-from shared.engine.tokenizer import load_tokenizer
+from shared.tokenizer import load_tokenizer
 from tests.engine.conftest import run_to_completion
 from tests.engine.test_reference import our_logits
 
@@ -93,7 +93,7 @@ def test_bf16_engine_packs_its_weights_and_keeps_its_tokens() -> None:
     params = SamplingParams(max_tokens=8, temperature=0)
     tokens = []
     for pack in (False, True):
-        engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, dtype="bfloat16", pack_bf16=pack))
+        engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, dtype="bfloat16", weights="native", pack_bf16=pack))
         assert isinstance(engine.model.lm_head, PackedBf16Linear) == pack
         engine.add_request("r", prompt, params)
         tokens.append(run_to_completion(engine)["r"])

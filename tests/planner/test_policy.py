@@ -11,9 +11,9 @@ from nats.aio.client import Client as NATS
 
 from services.planner.latency import reference_profiles
 from services.planner.policy import Observed, Policy, replay, should_replan, window_stats
-from services.planner.service import PLAN_SUBJECT, PlannerService, Tracker
+from services.planner.service import PlannerService, Tracker
 from services.planner.specs import Cluster
-from shared.protocol import PrefillRequest, Sampling, Subjects, TokenBatch, TokenEvent
+from shared.protocol import PrefillRequest, SamplingParams, Subjects, TokenBatch, TokenEvent
 from shared.workloads import SLO
 
 SLO_ = SLO(0.25, 0.1)
@@ -81,14 +81,14 @@ async def test_service_publishes_a_plan_from_live_traffic(nats_client: NATS, nat
     async def got(msg: object) -> None:
         await plans.put(json.loads(msg.data))  # type: ignore[attr-defined]
 
-    await nats_client.subscribe(PLAN_SUBJECT, cb=got)
+    await nats_client.subscribe(Subjects.plan, cb=got)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     await asyncio.wait_for(service.ready.wait(), timeout=60)  # traffic sent earlier would go unseen
     now = time.time()
     for i in range(12):
         rid = f"r{i}"
-        req = PrefillRequest(request_id=rid, prompt_token_ids=[1] * 300, sampling=Sampling(max_tokens=50),
+        req = PrefillRequest(request_id=rid, prompt_token_ids=[1] * 300, sampling=SamplingParams(max_tokens=50),
                              reply_to="g", arrived_at=now - 5 + i * 0.1)
         await nats_client.publish(Subjects.submit("prefill", "p0"), req.encode())
         await nats_client.publish(Subjects.tokens("g"), TokenBatch(instance_id="p0", events=[

@@ -35,7 +35,7 @@ async def test_full_admission_queue_is_429_with_retry_after(nats_client: NATS) -
     dispatcher = _dispatcher(nats_client, max_pending=2, retry_after_s=3)
     dispatcher.registry.update(_worker("p", "prefill"))
     dispatcher.registry.update(_worker("d", "decode"))
-    sampling = p.Sampling(max_tokens=4)
+    sampling = p.SamplingParams(max_tokens=4)
     await dispatcher.submit([1, 2, 3], sampling, "cmpl")
     await dispatcher.submit([1, 2, 3], sampling, "cmpl")
     with pytest.raises(APIError) as excinfo:
@@ -55,7 +55,7 @@ async def test_requests_go_to_the_least_loaded_prefill_worker(nats_client: NATS)
         received.append(p.decode(p.PrefillRequest, msg.data).request_id)  # type: ignore[attr-defined]
 
     await nats_client.subscribe(p.Subjects.submit("prefill", "idle"), cb=on_submit)
-    flight = await dispatcher.submit(list(range(100)), p.Sampling(), "cmpl")
+    flight = await dispatcher.submit(list(range(100)), p.SamplingParams(), "cmpl")
     await nats_client.flush()
     for _ in range(500):  # the message is on its way back from the server: wait for it, not a fixed time
         if received:
@@ -70,7 +70,7 @@ async def test_a_silent_worker_fails_its_requests_instead_of_hanging(nats_client
     await dispatcher.start()
     dispatcher.registry.update(_worker("p", "prefill"))
     dispatcher.registry.update(_worker("d", "decode"))
-    flight = await dispatcher.submit([1, 2, 3], p.Sampling(), "cmpl")  # nobody answers, no more heartbeats
+    flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")  # nobody answers, no more heartbeats
     started = time.monotonic()
     with pytest.raises(APIError) as excinfo:
         async for _ in dispatcher.stream(flight):
@@ -84,7 +84,7 @@ async def test_a_request_past_its_timeout_ends_with_504(nats_client: NATS) -> No
     dispatcher = _dispatcher(nats_client, request_timeout_s=0.2)
     dispatcher.registry.update(_worker("p", "prefill"))
     dispatcher.registry.update(_worker("d", "decode"))
-    flight = await dispatcher.submit([1, 2, 3], p.Sampling(), "cmpl")  # the worker stays alive but never answers
+    flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")  # the worker stays alive but never answers
     with pytest.raises(APIError) as excinfo:
         async for _ in dispatcher.stream(flight):
             pass

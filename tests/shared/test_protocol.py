@@ -10,8 +10,11 @@ from pydantic import ValidationError
 
 from shared import protocol as p
 
+META = p.KVMeta(request_id="req-1", prompt_token_ids=[1, 2, 3], output_token_ids=[42],
+                params=p.SamplingParams(max_tokens=8, temperature=0.0), num_kv_tokens=3, num_blocks=1, block_size=16,
+                block_nbytes=4096, output_text="é", num_emitted_chars=1)
 KV = p.KVHandle(prefill_instance="prefill-0", transport="tcp", address="tcp://127.0.0.1:5000",
-                transfer_id="req-1", nbytes=4096, meta={"prompt_token_ids": [1, 2, 3], "num_kv_tokens": 3})
+                transfer_id="req-1", nbytes=4096, meta=META)
 
 SAMPLES: list[p.Message] = [
     p.WorkerInfo(instance_id="prefill-0", role="prefill", model="default", max_model_len=8192, pid=1,
@@ -19,7 +22,7 @@ SAMPLES: list[p.Message] = [
                  load=p.WorkerLoad(queued_tokens=10, waiting=1, held=2, free_blocks=5, total_blocks=8)),
     p.WorkerBye(instance_id="decode-0"),
     p.PrefillRequest(request_id="req-1", prompt_token_ids=[1, 2, 3], reply_to=p.Subjects.tokens("gw"),
-                     sampling=p.Sampling(max_tokens=8, temperature=0.0, stop=["\n"], seed=7), arrived_at=2.0),
+                     sampling=p.SamplingParams(max_tokens=8, temperature=0.0, stop=["\n"], seed=7), arrived_at=2.0),
     p.DecodeRequest(request_id="req-1", reply_to=p.Subjects.tokens("gw"), kv=KV),
     p.KVRelease(request_id="req-1", pulled=False),
     p.AbortRequest(request_id="req-1"),
@@ -30,6 +33,10 @@ SAMPLES: list[p.Message] = [
                      transfer=p.TransferInfo(nbytes=4096, seconds=0.001, transport="tcp")),
         p.TokenEvent(request_id="req-3", error="prompt too long", status=400, finished=True),
     ]),
+    p.PlanMessage(model="opt-13b", hardware="a100", rate=10.0, gpus=5,
+                  prefill=p.PhaseShape(tp=1, pp=3, instances=1, gpus=3),
+                  decode=p.PhaseShape(tp=1, pp=2, instances=1, gpus=2), goodput_per_gpu=2.1, speedup_per_gpu=1.58,
+                  reason="first plan", observed_rate=9.5, at=1.0),
 ]
 
 

@@ -9,7 +9,7 @@ merge rule. `FastBPE.build` accepts only a vocabulary where the two orders agree
 with the merge list, every multi-byte token has a rule) and a pre-tokenizer whose split it can
 reproduce with one regex; it returns None for anything else, and `encode` returns None for a text
 with a byte the vocabulary lacks (`tokenizers` drops such bytes inside a word, tiktoken cannot), so
-the caller falls back to `tokenizers`. tests/engine/test_fast_bpe.py checks equality over ShareGPT,
+the caller falls back to `tokenizers`. tests/shared/test_fast_bpe.py checks equality over ShareGPT,
 HumanEval, random-token prompts and every Unicode code point in several contexts.
 """
 

@@ -17,8 +17,8 @@ import jinja2.sandbox
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from shared.engine.fast_bpe import FastBPE
-from shared.engine.model_files import cached_path, resolve_model, write_atomically
+from shared.model_files import cached_path, resolve_model, write_atomically
+from shared.tokenizer.fast_bpe import FastBPE
 
 # Special tokens that end an assistant turn in common chat formats.
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")

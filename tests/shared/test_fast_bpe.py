@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
-from shared.engine.fast_bpe import FastBPE
-from shared.engine.tokenizer import Tokenizer, load_tokenizer
+from shared.tokenizer import Tokenizer, load_tokenizer
+from shared.tokenizer.fast_bpe import FastBPE
 from shared.workloads import _turns, humaneval_problems, iter_json_array, sharegpt
 
 

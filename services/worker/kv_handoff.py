@@ -1,0 +1,272 @@
+"""The KV hand-off: how a request's KV cache moves from the prefill worker that computed it to the
+decode worker that continues it. Both halves live here. Under them, the transports (shared/transfer)
+only move bytes; the engine (`LLMEngine.kv_export`, `kv_import_*`) only reads and writes its blocks.
+
+The contract, in the order things happen:
+
+Prefill side, `KVSender`
+ 1. The step that computes a prompt's last token also samples its first output token. Still on the
+    engine thread, `export` takes the KV views of each such request; the engine keeps its blocks
+    (status HELD).
+ 2. `offer` puts the views on the transport under the request id and returns the `KVHandle` that
+    rides on the first token to the gateway, which forwards it to the decode worker it picks
+    (a DecodeRequest).
+ 3. The blocks are freed (`free`) by exactly one of: the decode worker's KVRelease (it has the
+    bytes, or gave up on them), an abort of the request, or the lease (`worker.kv_lease_s`: whoever
+    should have pulled them is gone).
+
+Decode side, `KVReceiver`
+ 4. `submit`: a DecodeRequest joins a FCFS queue. Only its metadata is here: the bytes wait in
+    prefill memory, so a burst backs up there, not here.
+ 5. The head of the queue is reserved (`kv_import_begin`) once the engine has room for it; nothing
+    behind it starts first.
+ 6. Its bytes are pulled over the transport straight into the reserved blocks.
+ 7. Pulled: `kv_import_commit` (it joins the decode batch), then KVRelease(pulled=True). Failed (peer
+    gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
+    prefills the request here into the reserved blocks (the same continuation: a seeded sample
+    depends only on the seed and the token's index); `fail` frees the reservation and the request
+    ends with 502. Either way KVRelease(pulled=False).
+ 8. An abort, at any point: queued, it leaves the queue; pulling, its reservation is freed when the
+    pull returns; running, the engine frees it as any other request.
+
+Each side reports to its worker (`WorkerPort`) and never touches NATS subscriptions, request state
+or tracing itself: the decode side hands every outcome to the worker as an `Arrival`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import torch
+
+from shared import protocol as p
+from shared.config import WorkerSettings
+from shared.engine import KVExport, KVMeta, LLMEngine, StepOutput
+from shared.transfer import KVTransport, TransferError, TransferStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class WorkerPort(Protocol):
+    """What the hand-off needs of its worker (services/worker/base.py implements it)."""
+
+    instance_id: str
+
+    def engine_call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]: ...
+
+    async def publish(self, subject: str, message: p.Message) -> None: ...
+
+    def report_soon(self) -> None: ...
+
+
+# -- prefill side ---------------------------------------------------------------------------------------
+
+class KVSender:
+    def __init__(self, worker: WorkerPort, transport: KVTransport, lease_s: float) -> None:
+        self.worker = worker
+        self.transport = transport
+        self.lease_s = lease_s
+        self.held: dict[str, float] = {}  # request id -> monotonic time its KV was offered
+
+    @staticmethod
+    def export(engine: LLMEngine, outputs: list[StepOutput]) -> dict[str, KVExport]:
+        """Step 1, on the engine thread right after the step (an abort may have freed one since: skipped)."""
+        exports: dict[str, KVExport] = {}
+        for out in outputs:
+            if not out.finished:
+                with contextlib.suppress(KeyError):
+                    exports[out.request_id] = engine.kv_export(out.request_id)
+        return exports
+
+    def offer(self, export: KVExport) -> p.KVHandle:
+        """Step 2: the KV waits on the transport; the handle tells a decode worker where."""
+        request_id = export.meta.request_id
+        self.transport.offer(request_id, export.views)
+        self.held[request_id] = time.monotonic()
+        return p.KVHandle(prefill_instance=self.worker.instance_id, transport=self.transport.name,
+                          address=self.transport.address, transfer_id=request_id, nbytes=export.nbytes,
+                          meta=export.meta)
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self.held
+
+    def free(self, request_id: str) -> None:
+        """Step 3 (release, abort or lease): no new pull starts, and the engine frees the blocks."""
+        self.transport.withdraw(request_id)
+        if self.held.pop(request_id, None) is not None:
+            self.worker.spawn(self.worker.engine_call(functools.partial(LLMEngine.abort, request_id=request_id)))
+            self.worker.report_soon()
+
+    async def run_lease(self) -> None:
+        """Free KV nobody pulled within the lease (its gateway or decode worker is gone)."""
+        while True:
+            await asyncio.sleep(min(self.lease_s / 4, 5.0))
+            now = time.monotonic()
+            for request_id, since in list(self.held.items()):
+                if now - since > self.lease_s:
+                    log.warning("%s: KV of %s not pulled within %.0f s; freeing it", self.worker.instance_id,
+                                request_id, self.lease_s)
+                    self.free(request_id)
+
+
+# -- decode side ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arrival:
+    """How a request's KV reached (or did not reach) this decode worker."""
+
+    request_id: str
+    outcome: Literal["pulled", "recomputed", "failed"]
+    started: float  # wall-clock time the pull started (0 if it never did)
+    ended: float
+    stats: TransferStats | None = None  # pulled
+    error: str | None = None  # recomputed (why), failed (the error the request ends with)
+    status: int = 0  # failed: the HTTP status to report
+
+
+@dataclass
+class _Incoming:
+    request: p.DecodeRequest
+    pulling: bool = False
+    aborted: bool = False
+
+    @property
+    def meta(self) -> KVMeta:
+        return self.request.kv.meta
+
+
+class KVReceiver:
+    def __init__(self, worker: WorkerPort, transport: KVTransport, settings: WorkerSettings,
+                 on_arrival: Callable[[Arrival], Awaitable[None]]) -> None:
+        self.worker = worker
+        self.transport = transport
+        self.settings = settings
+        self.on_arrival = on_arrival
+        self.incoming: dict[str, _Incoming] = {}  # queued or pulling
+        self.queue: deque[str] = deque()  # FCFS, waiting for room
+        self._room = asyncio.Event()
+
+    def submit(self, request: p.DecodeRequest) -> None:
+        """Step 4."""
+        self.incoming[request.request_id] = _Incoming(request)
+        self.queue.append(request.request_id)
+        self._room.set()
+
+    def room(self) -> None:
+        """Something may have freed blocks (a request finished or was aborted): look at the queue again."""
+        self._room.set()
+
+    def waiting(self) -> list[KVMeta]:
+        """Requests whose KV is not in the decode batch yet (queued or pulling), for the load report."""
+        return [i.meta for i in self.incoming.values()]
+
+    def cancel(self, request_id: str) -> bool:
+        """Step 8 for a request not yet running here; False if it is not (running, or unknown)."""
+        incoming = self.incoming.pop(request_id, None)
+        if incoming is None:
+            return False
+        incoming.aborted = True  # queued: the reserve loop drops it; pulling: the pull frees its blocks
+        self._room.set()
+        return True
+
+    async def run(self) -> None:
+        """Step 5, forever: reserve blocks for the queue's head, FCFS, and start its pull."""
+        while True:
+            await self._room.wait()
+            self._room.clear()
+            while self.queue:
+                metas = [self.incoming[rid].meta for rid in self.queue if rid in self.incoming]
+                begun = await self.worker.engine_call(functools.partial(_reserve, metas=metas))
+                for request_id, views in begun:
+                    self.queue.remove(request_id)
+                    incoming = self.incoming.get(request_id)
+                    if isinstance(views, Exception):
+                        if incoming is not None:
+                            await self._settle(incoming, Arrival(request_id, "failed", 0.0, time.time(),
+                                                                 error=str(views), status=400))
+                    elif incoming is None:  # aborted while its blocks were being reserved
+                        self._drop(request_id)
+                    else:
+                        incoming.pulling = True
+                        self.worker.spawn(self._pull(incoming, views))
+                self.queue = deque(rid for rid in self.queue if rid in self.incoming)
+                if len(begun) < len(metas):
+                    break  # the head does not fit yet: wait for room
+
+    async def _pull(self, incoming: _Incoming, views: list[torch.Tensor]) -> None:
+        """Steps 6 and 7."""
+        kv, request_id = incoming.request.kv, incoming.request.request_id
+        started = time.time()
+        try:
+            stats = await self.transport.pull(kv.address, kv.transfer_id, views, self.settings.pull_timeout_s)
+        except TransferError as exc:
+            await self._failed(incoming, started, exc)
+            return
+        if incoming.aborted:
+            self._drop(request_id)
+            return
+        await self.worker.engine_call(functools.partial(LLMEngine.kv_import_commit, request_id=request_id))
+        if incoming.aborted:  # while committing: it is in the decode batch now, and leaves it
+            self._drop(request_id)
+            return
+        await self._settle(incoming, Arrival(request_id, "pulled", started, time.time(), stats=stats))
+
+    async def _failed(self, incoming: _Incoming, started: float, exc: TransferError) -> None:
+        request_id, policy = incoming.request.request_id, self.settings.kv_failure_policy
+        log.warning("%s: KV pull of %s failed (%s); policy %s", self.worker.instance_id, request_id, exc, policy)
+        if incoming.aborted or policy == "fail":
+            self._drop(request_id)
+            if not incoming.aborted:
+                await self._settle(incoming, Arrival(request_id, "failed", started, time.time(),
+                                                     error=f"KV transfer failed: {exc}", status=502))
+            return
+        await self.worker.engine_call(functools.partial(LLMEngine.kv_import_recompute, request_id=request_id))
+        if incoming.aborted:
+            self._drop(request_id)
+            return
+        await self._settle(incoming, Arrival(request_id, "recomputed", started, time.time(), error=str(exc)))
+
+    async def _settle(self, incoming: _Incoming, arrival: Arrival) -> None:
+        """The request leaves the hand-off: the prefill worker may free its copy; the worker takes over."""
+        self.incoming.pop(arrival.request_id, None)
+        kv = incoming.request.kv
+        await self.worker.publish(p.Subjects.release(kv.prefill_instance),
+                                  p.KVRelease(request_id=arrival.request_id, pulled=arrival.outcome == "pulled"))
+        await self.on_arrival(arrival)
+
+    def _drop(self, request_id: str) -> None:
+        """An aborted or failed import: the engine frees its blocks, wherever it got to."""
+        self.worker.spawn(self.worker.engine_call(functools.partial(LLMEngine.abort, request_id=request_id)))
+        self._room.set()
+
+
+Reserved = tuple[str, list[torch.Tensor] | Exception]
+
+
+def _reserve(engine: LLMEngine, metas: list[KVMeta]) -> list[Reserved]:
+    """On the engine thread: reserve blocks for the queue's head, FCFS, until one does not fit.
+
+    A request the engine refuses outright (too long, another model's layout) comes back with its error."""
+    begun: list[Reserved] = []
+    for meta in metas:
+        try:
+            views = engine.kv_import_begin(meta)
+        except ValueError as exc:
+            begun.append((meta.request_id, exc))
+            continue
+        if views is None:
+            break
+        begun.append((meta.request_id, views))
+    return begun

@@ -1,0 +1,121 @@
+"""The model runner: owns the model and its KV cache; turns a scheduled batch into sampled tokens.
+
+Three steps per engine step, each its own method so that the engine can run `forward` without its
+lock (see shared/engine/engine.py): `prepare` (flat input tensors from the scheduled sequences),
+`forward` (the compiled decode graph where it covers the batch, else the eager model) and `sample`.
+It also reads and writes whole requests' KV for the hand-off between engines (`kv_views`, staging).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from shared.engine.compiled import CompiledDecode
+from shared.engine.config import EngineConfig, ModelConfig
+from shared.engine.kv_cache import KVCache
+from shared.engine.loader import load_model
+from shared.engine.model import ForwardBatch, PrefillSpan, Transformer
+from shared.engine.quant import can_pack_bf16, convert_linears_, pack_bf16_linears_
+from shared.engine.sampler import sample
+from shared.engine.scheduler import ScheduledBatch
+from shared.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.dtype = DTYPES[config.dtype]
+        self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed)
+        if config.weights != "native":
+            convert_linears_(self.model, config.weights)
+        elif self.dtype == torch.bfloat16 and config.pack_bf16 and can_pack_bf16():
+            pack_bf16_linears_(self.model, keep_plain=config.compile)  # compiled graphs need plain weights
+        self.model_config: ModelConfig = self.model.config
+
+        block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, self.dtype)
+        num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {block_bytes}-byte block")
+        self.cache = KVCache(self.model_config, num_blocks, config.block_size, self.dtype)
+        if config.paged_attention:
+            try:
+                self.model.use_paged_attention()
+            except (RuntimeError, OSError) as e:  # no C++ compiler here: the generic path still works
+                log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
+        self.compiled: CompiledDecode | None = None
+        if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
+            self.compiled = CompiledDecode(self.model, self.cache)
+            self.compiled.warm_up()  # before any block is handed out: it writes to block 0
+        self.generator = torch.Generator().manual_seed(torch.seed())
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def prepare(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
+        """The flat batch (decode tokens first, then prefill spans) and the sequences that get a new token."""
+        decodes = [(s, n) for s, n in scheduled if n == 1]
+        prefills = [(s, n) for s, n in scheduled if n > 1]
+        bs = self.config.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        sampling: list[Sequence] = []
+        logits_rows: list[int] = []
+        spans: list[PrefillSpan] = []
+        for seq, n in decodes + prefills:
+            start = seq.num_computed_tokens
+            if n > 1:
+                spans.append(PrefillSpan(len(token_ids), n, start, torch.tensor(seq.block_table)))
+            token_ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            if start + n == seq.num_tokens:  # all known tokens are in: sample the next one
+                sampling.append(seq)
+                logits_rows.append(len(token_ids) - 1)
+
+        pos = torch.tensor(positions)
+        tables = [torch.tensor(s.block_table) for s, _ in decodes + prefills]
+        counts = torch.tensor([n for _, n in decodes + prefills])
+        row_table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)  # [seqs, max_blocks]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(tables)), counts)
+        slot_blocks = row_table[seq_of_token, pos // bs]
+        decode_tables = row_table[: len(decodes)]
+        if decodes:
+            decode_tables = decode_tables[:, : max(len(s.block_table) for s, _ in decodes)]
+        batch = ForwardBatch(
+            token_ids=torch.tensor(token_ids), positions=pos, slot_blocks=slot_blocks, slot_offsets=pos % bs,
+            num_decode=len(decodes), decode_block_tables=decode_tables,
+            decode_context_lens=torch.tensor([s.num_computed_tokens + 1 for s, _ in decodes], dtype=torch.long),
+            prefill_spans=spans, logits_indices=torch.tensor(logits_rows, dtype=torch.long),
+        )
+        return batch, sampling
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [sequences to sample, vocab]; writes the batch's K/V into the cache."""
+        if self.compiled is not None and self.compiled.covers(batch):
+            return self.compiled(batch)
+        return self.model(batch, self.cache)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        return sample(logits, seqs, self.generator)
+
+    # -- KV of whole requests, for the hand-off ----------------------------------------------------------
+
+    def kv_views(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """The blocks' bytes as contiguous views, in token order (one per run of consecutive ids)."""
+        return self.cache.views(block_ids)
+
+    def kv_staging(self, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for imported KV in another dtype than the cache's, converted by `commit_staging`."""
+        return torch.empty(num_blocks, *self.cache.data.shape[1:], dtype=dtype)
+
+    def commit_staging(self, staging: torch.Tensor, block_ids: list[int]) -> None:
+        start = 0
+        for view in self.cache.views(block_ids):  # copy_ casts straight into the blocks: no intermediate copy
+            view.copy_(staging[start:start + len(view)])
+            start += len(view)
