@@ -18,7 +18,9 @@ COMMAND_MODULES: list[str] = [
     "services.planner.cli",
     "services.launcher",
     "services.gateway.cli",
-    "services.worker.cli",
+    "services.prefill.worker",
+    "services.decode.worker",
+    "services.colocated.worker",
     "services.requests_cli",
 ]
 

@@ -1,6 +1,8 @@
 """Request state in Redis: one hash per request (status, phase timestamps, instances, token counts).
 
-Every service writes the fields of the phases it runs. Writes go through `StateWriter`, which
+`RequestFields` is the schema of that hash: every service writes the fields of the phases it runs
+through `StateWriter.update(request_id, **fields)`, which mypy checks against it, and the readers
+(`distserve requests`, the benchmarks) name phases by `Phase`. Writes go through `StateWriter`, which
 buffers them (bounded) and flushes in pipelined batches from a background task, a few milliseconds
 after the first write of a batch: a Redis round trip never sits on the token path (nor does building
 the pipeline, which would otherwise run in the very next loop iteration, ahead of the NATS publish
@@ -18,10 +20,11 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, TypedDict, get_args
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +32,44 @@ KEY_PREFIX = "distserve:request:"
 INDEX_KEY = "distserve:requests"  # sorted set: request id by arrival time
 INDEX_MAX = 10_000
 
-# The phases of a request in the order they happen; each is a timestamp field of its hash.
-PHASES = (
-    "arrived",  # the gateway accepted it
-    "queued",  # a prefill worker put it in its queue
-    "prefill_start",
-    "prefill_end",
-    "first_token",  # the gateway received the first token
-    "kv_transfer_start",
-    "kv_transfer_end",
-    "decode_start",  # joined a decode batch
-    "finish",
-)
-STATUSES = ("queued", "prefilled", "decoding", "finished", "aborted", "failed")
+# The phases of a request in the order they happen; each is a timestamp field of RequestFields.
+Phase = Literal["arrived", "queued", "prefill_start", "prefill_end", "first_token", "kv_transfer_start",
+                "kv_transfer_end", "decode_start", "finish"]
+PHASES: tuple[Phase, ...] = get_args(Phase)
+Status = Literal["queued", "prefilled", "decoding", "finished", "aborted", "failed"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+
+
+class RequestFields(TypedDict, total=False):
+    """Every field of a request's hash, with who writes it. Timestamps are wall-clock seconds."""
+
+    # gateway
+    status: Status
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    output_tokens: int
+    finish_reason: str
+    error: str  # also a worker's, when it ends the request
+    arrived: float  # the gateway accepted it
+    first_token: float  # the gateway received the first token
+    finish: float
+    # prefill (or colocated) worker
+    prefill_instance: str
+    queued: float  # it joined the worker's queue
+    prefill_start: float  # the step that computed its prompt's last token
+    prefill_end: float
+    # decode (or colocated) worker
+    decode_instance: str
+    kv_transfer_start: float
+    kv_transfer_end: float
+    kv_bytes: int
+    kv_transfer_ms: float
+    kv_transport: str
+    kv_recomputed: int  # 1: the pull failed and the decode worker recomputed the prefill
+    kv_error: str
+    decode_start: float  # it joined a decode batch
+    decode_compute_s: float  # time in the decode steps that produced its tokens
 
 
 def request_key(request_id: str) -> str:
@@ -65,7 +93,7 @@ class StateWriter:
         self._task: asyncio.Task[None] | None = None
         self._error_logged = 0.0
 
-    def update(self, request_id: str, **fields: Any) -> None:
+    def update(self, request_id: str, **fields: Unpack[RequestFields]) -> None:
         if self.client is None:
             return
         entry = self.pending.get(request_id)

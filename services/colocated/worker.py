@@ -7,21 +7,15 @@ token budget in every step). Same gateway, protocol and engine as the disaggrega
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import argparse
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from services.worker.base import Tracked, Worker
+from services.worker.base import Worker
+from services.worker.cli import add_worker_command
 from services.worker.runner import StepResult
 from shared import protocol as p
-from shared.telemetry import extract_context
-
-
-@dataclass
-class ColocatedTracked(Tracked):
-    first_token_at: float = 0.0
 
 
 class ColocatedWorker(Worker):
@@ -38,30 +32,26 @@ class ColocatedWorker(Worker):
                             free_blocks=s.free_blocks, total_blocks=s.total_blocks)
 
     async def _on_submit(self, msg: Msg) -> None:
-        req = self.parse(p.PrefillRequest, msg)
-        if req is None:
-            return
-        now = time.time()
-        self.state.update(req.request_id, queued=now, prefill_instance=self.instance_id,
-                          decode_instance=self.instance_id)
-        self.admit(req, ColocatedTracked(req.request_id, req.reply_to, extract_context(msg.headers), now))
+        self.accept(msg)
 
     async def handle_step(self, result: StepResult[Any]) -> None:
         events: list[tuple[str, p.TokenEvent]] = []
         for out in result.outputs:
-            tracked: ColocatedTracked | None = self.requests.get(out.request_id)
+            tracked = self.requests.get(out.request_id)
             if tracked is None:
                 continue
             if not tracked.first_token_at:  # this step finished its prefill
                 tracked.first_token_at = result.ended
-                self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended,
-                                  decode_start=result.ended)
-                self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)
-                self.tracing.record("prefill compute", result.started, result.ended, tracked.trace,
-                                    {"instance": self.instance_id, "prompt_tokens": out.num_prompt_tokens})
+                self.record_prefill(out, tracked, result)
+                self.state.update(out.request_id, decode_start=result.ended)
             events.append((tracked.reply_to, self.event(out)))
             if out.finished:
                 self.requests.pop(out.request_id, None)
                 self.tracing.record("decode", tracked.first_token_at, result.ended, tracked.trace,
                                     {"instance": self.instance_id, "output_tokens": out.num_output_tokens})
         await self.send_events(events)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    add_worker_command(subparsers, ColocatedWorker, "run a colocated (prefill + decode) worker: the baseline",
+                       chunked_prefill=True)

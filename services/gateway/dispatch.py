@@ -27,7 +27,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from shared import protocol as p
 from shared.config import Settings
-from shared.state import StateWriter
+from shared.state import RequestFields, StateWriter
 from shared.telemetry import Tracing, end_span, inject_headers, span_context
 
 log = logging.getLogger(__name__)
@@ -196,9 +196,10 @@ class Dispatcher:
         for event in batch.events:
             flight = self.inflight.get(event.request_id)
             if flight is None or flight.done:
-                if event.kv is not None:  # aborted after its prefill: free the KV nobody will pull
-                    await self._publish(p.Subjects.release(event.kv.prefill_instance),
-                                        p.KVRelease(request_id=event.request_id, pulled=False))
+                if event.kv is not None:  # its KV waits for a pull nobody will make: free it (a no-op where
+                    # the request's own abort got there first)
+                    await self._publish(p.Subjects.abort, p.AbortRequest(request_id=event.request_id,
+                                                                         reason="the request ended at its gateway"))
                 continue
             self._on_event(flight, event, now)
 
@@ -226,10 +227,8 @@ class Dispatcher:
 
     def _hand_to_decode(self, flight: InFlight, kv: p.KVHandle) -> None:
         worker = self.registry.pick("decode")
-        if worker is None:
+        if worker is None:  # the abort that _fail sends frees the KV the prefill worker holds
             self._fail(flight, 503, "no live decode worker to continue the request")
-            asyncio.ensure_future(self._publish(p.Subjects.release(kv.prefill_instance),
-                                                p.KVRelease(request_id=flight.request_id, pulled=False)))
             return
         flight.instance = worker.instance_id
         message = p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, kv=kv)
@@ -264,7 +263,7 @@ class Dispatcher:
         m.inflight.dec()
         m.pending.set(self.pending)
         m.requests.labels(outcome=outcome).inc()
-        fields: dict[str, object] = {"finish": now, "output_tokens": flight.output_tokens}
+        fields: RequestFields = {"finish": now, "output_tokens": flight.output_tokens}
         if outcome == "ok":
             m.output_tokens.inc(flight.output_tokens)
             m.e2e.observe(now - flight.arrived)
@@ -275,9 +274,9 @@ class Dispatcher:
             slo = self.settings.gateway
             if ttft <= slo.slo_ttft_s and (tpot is None or tpot <= slo.slo_tpot_s):
                 m.slo_attained.inc()
-            fields.update(status="finished", finish_reason=flight.finish_reason or "")
+            fields |= {"status": "finished", "finish_reason": flight.finish_reason or ""}
         else:
-            fields.update(status="aborted" if outcome == "aborted" else "failed", error=error or "")
+            fields |= {"status": "aborted" if outcome == "aborted" else "failed", "error": error or ""}
         self.state.update(flight.request_id, **fields)
         end_span(flight.span, now, error if outcome == "error" else None)
 

@@ -1,8 +1,9 @@
 """The lifecycle every worker shares: build the engine, connect, register, serve, report, shut down.
 
 A worker is an engine (on its own thread, services/worker/runner.py) plus NATS subscriptions.
-Roles (prefill, decode, colocated) subclass `Worker` and fill in what they subscribe to, what they
-do after a step, and how they describe their load. Load reports double as registration and
+Roles (services/prefill, services/decode, services/colocated) subclass `Worker` and fill in what they
+subscribe to, what they do after a step, and how they describe their load; the KV hand-off between
+prefill and decode is services/worker/kv_handoff.py. Load reports double as registration and
 heartbeat: sent at start, soon after the load changes, and every `heartbeat_s`.
 """
 
@@ -10,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import nats
 import redis.asyncio as aioredis
@@ -33,11 +35,13 @@ from shared.config import RoleSettings, Settings
 from shared.cpus import lower_priority
 from shared.engine import EngineConfig, LLMEngine, StepOutput
 from shared.protocol import M
-from shared.state import StateWriter, push_steps, steps_key
-from shared.telemetry import Tracing
+from shared.state import RequestFields, StateWriter, push_steps, steps_key
+from shared.telemetry import Tracing, extract_context
 from shared.transfer import KVTransport, create_transport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
 _STEP_RECORDS_INTERVAL_S = 1.0
@@ -50,7 +54,8 @@ class Tracked:
     request_id: str
     reply_to: str
     trace: Context | None
-    received: float
+    received: float  # wall-clock time this worker got it
+    first_token_at: float = 0.0  # when a step of this worker produced its first token (colocated)
 
 
 class Worker(ABC):
@@ -68,7 +73,7 @@ class Worker(ABC):
         self._seq = 0
         self._last_report = 0.0
         self._report_pending = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._steps: asyncio.Queue[StepResult[Any]] = asyncio.Queue()
         self.tracing = Tracing(settings.telemetry, f"distserve-{self.role}")
         self.nc: NATS | None = None
@@ -82,7 +87,7 @@ class Worker(ABC):
 
     @abstractmethod
     async def subscribe(self) -> None:
-        """Subscribe to this role's subjects."""
+        """Set up the role (its side of the KV hand-off) and subscribe to its subjects: everything else is up."""
 
     def post_step(self, outputs: list[StepOutput]) -> Any:
         """Runs on the engine thread right after a step (e.g. export KV while it is still held)."""
@@ -96,10 +101,14 @@ class Worker(ABC):
     def load(self) -> p.WorkerLoad:
         ...
 
+    def serves(self, request_id: str) -> bool:
+        """Whether this worker holds anything of the request (an abort is for it)."""
+        return request_id in self.requests
+
     async def on_abort(self, request_id: str) -> None:
         """Forget a request everywhere it may be (the gateway aborted it)."""
         if self.requests.pop(request_id, None) is not None:
-            await self.engine_call(lambda e: e.abort(request_id))
+            await self.engine_call(functools.partial(LLMEngine.abort, request_id=request_id))
             self.report_soon()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -127,8 +136,8 @@ class Worker(ABC):
         self.runner = EngineRunner(self.engine, loop, self._steps.put_nowait, self.post_step, self._fatal,
                                    min_interval=self.engine_settings.step_interval_s)
         self.runner.start()
-        await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
         await self.subscribe()
+        await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
         if self.redis is not None:
@@ -176,13 +185,13 @@ class Worker(ABC):
         self.exit_code = 1
         self.stop()
 
-    def spawn(self, coro: Awaitable[Any], name: str | None = None) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: task failed", self.instance_id, exc_info=task.exception())
@@ -198,8 +207,19 @@ class Worker(ABC):
 
     # -- helpers for roles --------------------------------------------------------------------------
 
+    def accept(self, msg: Msg) -> None:
+        """A PrefillRequest for this worker (prefill and colocated roles): queue it in the engine."""
+        req = self.parse(p.PrefillRequest, msg)
+        if req is None:
+            return
+        now = time.time()
+        fields: RequestFields = {"queued": now, "prefill_instance": self.instance_id}
+        if self.role == "colocated":
+            fields["decode_instance"] = self.instance_id
+        self.state.update(req.request_id, **fields)
+        self.admit(req, Tracked(req.request_id, req.reply_to, extract_context(msg.headers), now))
+
     def admit(self, req: p.PrefillRequest, tracked: Tracked) -> None:
-        """Queue a tokenized request in the engine (prefill and colocated roles)."""
         self.requests[req.request_id] = tracked
         future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.sampling))
         future.add_done_callback(lambda f: self._admitted(req, f.exception()))
@@ -212,7 +232,7 @@ class Worker(ABC):
         status = 400 if isinstance(error, ValueError) else 500
         self.spawn(self.send_error(req.reply_to, req.request_id, str(error), status))
 
-    def engine_call(self, fn: Callable[[LLMEngine], Any]) -> asyncio.Future[Any]:
+    def engine_call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
         assert self.runner is not None
         return self.runner.call(fn)
 
@@ -236,6 +256,13 @@ class Worker(ABC):
         with contextlib.suppress(Exception):
             await self.send_events([(reply_to, event)])
         self.state.update(request_id, error=message)
+
+    def record_prefill(self, out: StepOutput, tracked: Tracked, result: StepResult[Any], **attributes: Any) -> None:
+        """The request's prefill phases, from its arrival here to the end of the step that computed it."""
+        self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended)
+        self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)
+        self.tracing.record("prefill compute", result.started, result.ended, tracked.trace,
+                            {"instance": self.instance_id, "prompt_tokens": out.num_prompt_tokens, **attributes})
 
     @staticmethod
     def event(output: StepOutput, **extra: Any) -> p.TokenEvent:
@@ -304,5 +331,5 @@ class Worker(ABC):
         abort = self.parse(p.AbortRequest, msg)
         if abort is None:
             return
-        if abort.request_id in self.requests:
+        if self.serves(abort.request_id):
             self.spawn(self.on_abort(abort.request_id))  # never wait for the engine in a callback

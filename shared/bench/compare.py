@@ -47,7 +47,7 @@ from shared.bench.serve import (
 )
 from shared.config import EngineSettings, Settings, load_settings
 from shared.cpus import available_cpus, pin_process
-from shared.state import read_request, read_steps, recent_requests
+from shared.state import Phase, read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
 # name -> what it runs on `cores` cores (each role's threads are set explicitly; the 3-worker ones run 1.5x
@@ -159,8 +159,8 @@ def deployment_settings(name: str, knobs: EngineKnobs, port: int, slo: SLO) -> S
 
 # ---- where the time goes ---------------------------------------------------------------------------
 
-# (label, from phase, to phase): spans of a request's timeline (shared.state.PHASES), in seconds.
-SPANS: tuple[tuple[str, str, str], ...] = (
+# (label, from phase, to phase): spans of a request's timeline, in seconds.
+SPANS: tuple[tuple[str, Phase, Phase], ...] = (
     ("queue", "arrived", "prefill_start"),  # dispatch + waiting in the prefill queue
     ("prefill", "prefill_start", "prefill_end"),  # the step that computed the prompt's last token
     ("to_decode", "prefill_end", "decode_start"),  # KV hand-off and waiting for decode room

@@ -7,7 +7,7 @@ The baseline is that engine time, measured in the same run on the same requests:
   TTFT overhead      = client TTFT - prefill step time   (queueing, NATS, tokenization, HTTP)
   per-token overhead = (client decode time - decode step time) / (output tokens - 1)
                        (the KV transfer, NATS hops and SSE, spread over the decoded tokens)
-A second table splits the TTFT overhead hop by hop (PHASES), from the same request's Redis timeline
+A second table splits the TTFT overhead hop by hop (HOPS), from the same request's Redis timeline
 and the client's stamps (one wall clock: every process runs on this machine). A third table times
 the gateway's tokenizer on fresh prompts of the same lengths, back to back and after an idle gap.
 
@@ -30,6 +30,7 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httptools
@@ -40,11 +41,12 @@ from rich.table import Table
 
 from shared.config import load_settings
 from shared.servers import free_port
-from shared.state import read_request
+from shared.state import Phase, read_request
 from shared.tokenizer import Tokenizer, load_tokenizer
 
-# The TTFT overhead hop by hop: (label, from, to), timeline fields plus the client's "sent" and "first".
-PHASES = (
+# The TTFT overhead hop by hop: (label, from, to): phases of the request's state, and the client's own
+# "sent" (request written) and "first" (first token read).
+HOPS: tuple[tuple[str, Phase | Literal["sent"], Phase | Literal["first"]], ...] = (
     ("client -> gateway accepted (HTTP, validation, tokenizing)", "sent", "arrived"),
     ("-> prefill worker queued it (NATS)", "arrived", "queued"),
     ("-> engine step starts", "queued", "prefill_start"),
@@ -60,7 +62,7 @@ class Sample:
     decode_s: float  # client side: first token to last
     decode_compute_s: float
     output_tokens: int
-    phases: tuple[float, ...]  # seconds in each of PHASES
+    phases: tuple[float, ...]  # seconds in each of HOPS
 
     @property
     def ttft_overhead(self) -> float:
@@ -143,10 +145,10 @@ async def measure(url: str, redis_url: str, model: str, prompts: list[str], outp
                     break
                 await asyncio.sleep(0.02)
             times = {"sent": sent + wall, "first": first + wall,
-                     **{field: float(state[field]) for _, a, b in PHASES for field in (a, b) if field in state}}
+                     **{field: float(state[field]) for _, a, b in HOPS for field in (a, b) if field in state}}
             samples.append(Sample(first - sent, float(state["prefill_end"]) - float(state["prefill_start"]),
                                   end - first, float(state["decode_compute_s"]), output_tokens,
-                                  tuple(times[b] - times[a] for _, a, b in PHASES)))
+                                  tuple(times[b] - times[a] for _, a, b in HOPS)))
     finally:
         sock.close()
         await redis.aclose()
@@ -205,11 +207,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     phases = Table(title="where the TTFT overhead goes, hop by hop (ms p50; the p50s need not add up to the total's)")
     phases.add_column("prompt tokens", justify="right")
-    for label, _, _ in PHASES:
+    for label, _, _ in HOPS:
         phases.add_column(label, justify="right")
     for n, got in results.items():
         phases.add_row(str(n), *(f"{statistics.median(s.phases[i] for s in got) * 1e3:.2f}"
-                                 for i in range(len(PHASES))))
+                                 for i in range(len(HOPS))))
     console.print(phases)
     console.print(tokenizing_table(tokenizer, args.prompt_tokens, args.repeat))
     return 0
