@@ -1,9 +1,9 @@
-"""Which workers are alive and how loaded they are, from the reports they publish; dispatch policy.
+"""Which workers are alive and how loaded they are, from the reports they publish.
 
-DistServe's dispatch: a new request goes to the prefill instance with the least queued work; a
-prefilled request goes to the least-loaded decode instance. Reports arrive every few hundred ms
-and on load changes; between reports the gateway counts what it dispatched itself, so a burst
-does not all land on the instance that looked idle in the last report.
+Dispatch picks the least-loaded instance of a role by the one policy the simulator uses too
+(shared/dispatch_policy.py). Reports arrive every few hundred ms and on load changes; between
+reports the gateway counts what it dispatched itself, so a burst does not all land on the
+instance that looked idle in the last report.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from shared import protocol as p
+from shared.dispatch_policy import Load, least_loaded
 
 
 @dataclass
@@ -33,20 +34,12 @@ class Instance:
     def load(self) -> p.WorkerLoad:
         return self.info.load
 
-
-def prefill_score(inst: Instance) -> tuple[int, int]:
-    """Queued prompt tokens (the work ahead of a new request), then queued requests."""
-    return inst.load.queued_tokens + inst.dispatched_tokens, inst.load.waiting + inst.dispatched_requests
-
-
-def decode_score(inst: Instance) -> tuple[int, int]:
-    """Sequences it runs or waits to pull, then (negated) free KV blocks."""
-    return inst.load.running + inst.load.waiting + inst.dispatched_requests, -inst.load.free_blocks
-
-
-def colocated_score(inst: Instance) -> tuple[int, int]:
-    return (inst.load.queued_tokens + inst.dispatched_tokens,
-            inst.load.running + inst.load.waiting + inst.dispatched_requests)
+    def dispatch_load(self) -> Load:
+        """The reported load plus what this gateway sent it since the report."""
+        load = self.info.load
+        return Load(queued_tokens=load.queued_tokens + self.dispatched_tokens,
+                    waiting=load.waiting + self.dispatched_requests, running=load.running,
+                    free_blocks=load.free_blocks)
 
 
 class Registry:
@@ -102,11 +95,9 @@ class Registry:
 
     def pick(self, role: p.Role, prompt_tokens: int = 0) -> Instance | None:
         """The instance a request goes to now; counts the dispatch until the next report."""
-        candidates = self.alive(role)
-        if not candidates:
+        best = least_loaded(role, self.alive(role), Instance.dispatch_load)
+        if best is None:
             return None
-        score = {"prefill": prefill_score, "decode": decode_score, "colocated": colocated_score}[role]
-        best = min(candidates, key=score)
         best.dispatched_tokens += prompt_tokens
         best.dispatched_requests += 1
         return best

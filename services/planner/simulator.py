@@ -10,7 +10,8 @@ Instances (what each models):
     out and pulled back later).
   - colocated (vLLM-style): one queue; a prefill batch runs whenever waiting requests fit in memory
     (prefill first), otherwise a decode round; preempted requests are recomputed by a new prefill.
-Requests go to the instance with the least outstanding work. TTFT ends with the first token (end
+Requests go to the least-loaded instance by the gateway's own policy (shared/dispatch_policy.py),
+each instance reporting its load as a worker does. TTFT ends with the first token (end
 of prefill); TPOT = (finish - first token) / (output tokens - 1), so it includes the KV transfer and
 decode queueing.
 
@@ -32,6 +33,8 @@ import numpy as np
 from services.planner.batch import DecodeBatch
 from services.planner.latency import LatencyModel, StepProfile
 from services.planner.workload import Trace
+from shared.config import Role
+from shared.dispatch_policy import Load, least_loaded
 from shared.workloads import SLO
 
 Mode = Literal["both", "prefill", "decode"]
@@ -189,13 +192,16 @@ class PrefillInstance:
         self.queue: deque[int] = deque()
         self.queued_tokens = 0
         self.inflight_tokens = 0
+        self.inflight_requests = 0
         self.held_tokens = 0  # KV of finished prompts not yet pulled by a decode instance
         self.stage_free = [0.0] * pp
         self.busy = False  # stage 1 is running a batch
         self.peak = 0
 
-    def load(self) -> int:
-        return self.queued_tokens + self.inflight_tokens
+    def dispatch_load(self) -> Load:
+        # As a prefill engine counts them: a prompt stays queued until its prefill ends.
+        return Load(queued_tokens=self.queued_tokens + self.inflight_tokens,
+                    waiting=len(self.queue) + self.inflight_requests)
 
     def submit(self, i: int) -> None:
         self.queue.append(i)
@@ -224,6 +230,7 @@ class PrefillInstance:
             return  # empty, or waiting for held KV to be pulled
         self.queued_tokens -= tokens
         self.inflight_tokens += tokens
+        self.inflight_requests += len(batch)
         self.peak = max(self.peak, self.held_tokens + self.inflight_tokens)
         stage = self.step.prefill_time(tokens, sq) / self.pp
         t = self.sim.now
@@ -240,6 +247,7 @@ class PrefillInstance:
 
     def _done(self, batch: list[int], tokens: int) -> None:
         self.inflight_tokens -= tokens
+        self.inflight_requests -= len(batch)
         self.held_tokens += tokens
         for i in batch:
             self.on_done(i, self)
@@ -327,8 +335,10 @@ class DecodeInstance(_Stepping):
         self.in_transit = 0
         self.link_free = 0.0
 
-    def load(self) -> int:
-        return self.batch.n + len(self.waiting) + self.in_transit + len(self.ready)
+    def dispatch_load(self) -> Load:
+        # As a decode worker reports it: pulled requests run, queued and pulling ones wait.
+        return Load(waiting=len(self.waiting) + self.in_transit, running=self.batch.n + len(self.ready),
+                    free_blocks=self.capacity - self.used)
 
     def enqueue(self, i: int, source: PrefillInstance | None) -> None:
         """A request whose first token is out: it waits here until its KV fits."""
@@ -380,13 +390,18 @@ class ColocatedInstance(_Stepping):
         super().__init__(sim, step, 1, capacity, max_batch)
         self.budget = budget
         self.waiting: deque[tuple[int, int, int]] = deque()  # (request, tokens to prefill, remaining)
+        self.waiting_tokens = 0
         self.prefilling = 0  # requests in the prefill step in progress
+        self.prefilling_tokens = 0
 
-    def load(self) -> int:
-        return self.batch.n + len(self.waiting) + self.prefilling
+    def dispatch_load(self) -> Load:
+        return Load(queued_tokens=self.waiting_tokens + self.prefilling_tokens,
+                    waiting=len(self.waiting) + self.prefilling, running=self.batch.n,
+                    free_blocks=self.capacity - self.used)
 
     def submit(self, i: int) -> None:
         self.waiting.append((i, self.sim.inp[i], self.sim.out[i]))
+        self.waiting_tokens += self.sim.inp[i]
         if not self.busy:
             self._next()
         else:
@@ -395,6 +410,7 @@ class ColocatedInstance(_Stepping):
     def _preempted(self, request: int, ctx: int, remaining: int) -> None:
         # recompute: prefill the prompt and every token generated so far again (ctx counts them all)
         self.waiting.appendleft((request, ctx, remaining))
+        self.waiting_tokens += ctx
 
     def _next(self) -> None:
         b = self.batch
@@ -412,7 +428,8 @@ class ColocatedInstance(_Stepping):
         if batch:
             self._reserve(tokens + len(batch))
             self.busy = True
-            self.prefilling = len(batch)
+            self.waiting_tokens -= tokens
+            self.prefilling, self.prefilling_tokens = len(batch), tokens
             self.sim.at(self.sim.now + self.step.prefill_time(tokens, sq), self._prefilled, batch)
         elif not self._start_decode():
             self.busy = False
@@ -428,7 +445,7 @@ class ColocatedInstance(_Stepping):
             else:
                 self.batch.add(i, length + 1, remaining - 1)
         self.busy = False
-        self.prefilling = 0
+        self.prefilling = self.prefilling_tokens = 0
         self._next()
 
 
@@ -456,8 +473,8 @@ def simulate(deployment: Deployment, model: LatencyModel, trace: Trace, *, limit
             raise ValueError(f"{model.model} {config}: KV memory holds {capacity} tokens, a request needs {tokens}")
         return capacity
 
-    def pick(pool: list[Any]) -> Any:
-        return pool[0] if len(pool) == 1 else min(pool, key=lambda x: x.load())
+    def pick(role: Role, pool: list[Any]) -> Any:
+        return least_loaded(role, pool, lambda instance: instance.dispatch_load())
 
     submit: Callable[[int], None]
     if isinstance(deployment, Colocated):
@@ -468,7 +485,7 @@ def simulate(deployment: Deployment, model: LatencyModel, trace: Trace, *, limit
         result_pools.extend(colo)
 
         def submit(i: int) -> None:
-            pick(colo).submit(i)
+            pick("colocated", colo).submit(i)
     else:
         d = deployment
         decodes: list[DecodeInstance] = []
@@ -485,7 +502,7 @@ def simulate(deployment: Deployment, model: LatencyModel, trace: Trace, *, limit
                 if sim.out[i] <= 1:
                     sim.finished(i)
                 else:
-                    pick(decodes).enqueue(i, None)
+                    pick("decode", decodes).enqueue(i, None)
         else:
             def prefilled(i: int, source: PrefillInstance) -> None:
                 sim.first_token(i)
@@ -493,7 +510,7 @@ def simulate(deployment: Deployment, model: LatencyModel, trace: Trace, *, limit
                     source.release(sim.inp[i])
                     sim.finished(i)
                 else:
-                    pick(decodes).enqueue(i, source)
+                    pick("decode", decodes).enqueue(i, source)
 
             cap = need(d.prefill, int(trace.inputs.max()))
             step = model.step(d.prefill.tp)
@@ -502,7 +519,7 @@ def simulate(deployment: Deployment, model: LatencyModel, trace: Trace, *, limit
             result_pools[:0] = prefills
 
             def submit(i: int) -> None:
-                pick(prefills).submit(i)
+                pick("prefill", prefills).submit(i)
 
     n = len(sim.arrival)
 

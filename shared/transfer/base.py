@@ -1,14 +1,9 @@
-"""The KV transfer interface: how a request's KV cache moves from a prefill to a decode worker.
+"""The KV transport interface: the byte mover under the KV hand-off.
 
-Two halves, as in vLLM's KV connector:
-
-* the scheduler side decides what moves and when. It lives in the decode worker
-  (services/decode/puller.py): a request's KV is pulled only once the decode engine has reserved
-  blocks for it (`engine.kv_import_begin`), so a burst waits in prefill memory, not in decode; after
-  the pull it commits the import and tells the prefill worker (over NATS) to free its blocks.
-* the worker side, `KVTransport` below, moves bytes and reports completion. A prefill worker
-  `offer`s a held request's KV views under a transfer id; a decode worker `pull`s them into its
-  reserved views. The prefill side never pushes.
+What moves and when (hold, reserve, pull, commit, the failure policy, the lease) is decided by the
+hand-off, services/worker/kv_handoff.py. A `KVTransport` only moves bytes: a prefill worker `offer`s
+a held request's KV views under a transfer id; a decode worker `pull`s them into the views it
+reserved. The prefill side never pushes.
 
 Both sides see a list of contiguous tensors and treat it as one byte stream: view sizes may differ
 between the two sides (different block ids make different runs), only the total must match.
