@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "shared.engine.cli",
     "services.planner.cli",
+    "services.planner.service",
     "services.launcher",
     "services.gateway.cli",
     "services.prefill.worker",
@@ -26,11 +27,11 @@ COMMAND_MODULES: list[str] = [
 
 # Modules that add `distserve bench <name>` subcommands.
 BENCH_MODULES: list[str] = [
-    "shared.bench.engine",
-    "shared.bench.serve",
-    "shared.bench.overhead",
-    "shared.bench.compare",
-    "shared.bench.transfer",
+    "services.bench.engine",
+    "services.bench.serve",
+    "services.bench.overhead",
+    "services.bench.compare",
+    "services.bench.transfer",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Collection
 
 
 def positive_int(text: str) -> int:
@@ -52,3 +53,16 @@ def cpu_list(text: str) -> list[int]:
         return parse_cpu_list(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def names_from(choices: Collection[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """A flag of comma-separated names, each one of `choices` and none twice: 'a, b' -> ('a', 'b')."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [n for n in names if n not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown or text!r}; choose from {', '.join(choices)}")
+        if len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"{what} listed twice in {text!r}")
+        return names
+    return parse

@@ -13,9 +13,11 @@ import contextvars
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self, get_args
+from types import UnionType
+from typing import Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +30,9 @@ Role = Literal["prefill", "decode", "colocated"]
 DType = Literal["float32", "bfloat16"]
 Weights = Literal["native", "fp16", "int8"]  # linear weights: in the engine's dtype, or fp16 / int8 (quant.py)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
+
+_URL_SCHEMES = {"nats_url": (("nats", "tls", "ws", "wss"), "nats://host:port"),
+                "redis_url": (("redis", "rediss", "unix"), "redis://host:port/db")}
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
@@ -94,8 +99,8 @@ class RoleSettings(EngineSettings):
 
 
 class GatewaySettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="address the gateway binds")
+    port: int = Field(default=8000, ge=0, le=65535, description="the gateway's HTTP port")
     max_pending: int = Field(default=256, ge=1, description="requests awaiting a first token before 429")
     retry_after_s: int = Field(default=1, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
@@ -115,15 +120,16 @@ class WorkerSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    exporter: Literal["none", "console", "otlp"] = "none"
-    otlp_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    exporter: Literal["none", "console", "otlp"] = Field(default="none", description="where traces go")
+    otlp_endpoint: str = Field(default="http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces endpoint")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTSERVE_", env_nested_delimiter="__", frozen=True,
                                       extra="forbid")
 
-    model: str = "default"
+    model: str = Field(default="default", description="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging "
+                       "Face directory or random:<json>")
     mode: Mode = "disaggregated"
     nats_url: str | None = Field(default=None, description="external NATS; None: `up` starts one")
     redis_url: str | None = Field(default=None, description="external Redis; None: `up` starts one")
@@ -144,18 +150,18 @@ class Settings(BaseSettings):
         section: RoleSettings = getattr(self, role)
         return section
 
-    @field_validator("nats_url")
-    @classmethod
-    def _nats_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not re.match(r"^(nats|tls|ws|wss)://", url):
-            raise ValueError("nats_url must look like nats://host:port")
-        return url
+    @property
+    def nats_address(self) -> str:
+        """Where to connect: the external server, or the one `up` starts on its default port."""
+        return self.nats_url or "nats://127.0.0.1:4222"
 
-    @field_validator("redis_url")
+    @field_validator("nats_url", "redis_url")
     @classmethod
-    def _redis_scheme(cls, url: str | None) -> str | None:
-        if url is not None and not re.match(r"^(redis|rediss|unix)://", url):
-            raise ValueError("redis_url must look like redis://host:port/db")
+    def _url_scheme(cls, url: str | None, info: ValidationInfo) -> str | None:
+        schemes, example = _URL_SCHEMES[info.field_name or ""]
+        scheme, separator, _ = (url or "").partition("://")
+        if url is not None and (not separator or scheme not in schemes):
+            raise ValueError(f"{info.field_name} must look like {example}")
         return url
 
     @field_validator("service_cpus")
@@ -199,35 +205,42 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
 
 
 # -- command-line flags ----------------------------------------------------------------------
-# Flag -> dotted settings path. Only flags the user gave (not None) override other sources.
-COMMON_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--model": ("model", str, "model: 'default', a .gguf file, a HF directory or random:<json>"),
-    "--nats-url": ("nats_url", str, "NATS server URL (external)"),
-    "--redis-url": ("redis_url", str, "Redis URL (external)"),
-    "--transport": ("worker.transport", str, "KV transport: auto (ucx when installed, else tcp) | ucx | tcp"),
-    "--transfer-host": ("worker.transfer_host", str, "address the KV transport binds"),
-    "--kv-failure-policy": ("worker.kv_failure_policy", str, "failed KV pull: recompute | fail"),
-    "--otel": ("telemetry.exporter", str, "trace exporter: none | console | otlp"),
-    "--otlp-endpoint": ("telemetry.otlp_endpoint", str, "OTLP/HTTP traces endpoint"),
-}
-GATEWAY_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--host": ("gateway.host", str, "gateway bind address"),
-    "--port": ("gateway.port", int, "gateway port"),
-    "--max-pending": ("gateway.max_pending", int, "requests waiting for a first token before 429"),
-}
-ENGINE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--max-num-batched-tokens": ("max_num_batched_tokens", int, "prefill token budget per step"),
-    "--max-num-seqs": ("max_num_seqs", int, "decode batch cap"),
-    "--kv-cache-gib": ("kv_cache_memory_gib", float, "KV pool size in GiB"),
-    "--threads": ("num_threads", int, "torch threads"),
-    "--weights": ("weights", str, "linear weights: native (fp32) | fp16 (faster decode on CPU) | int8"),
-}
+# Flag -> dotted settings path (ENGINE_FLAGS: under a role's section); type and help come from the field.
+# Only flags the user gave (not None) override the other sources.
+COMMON_FLAGS = {"--model": "model", "--nats-url": "nats_url", "--redis-url": "redis_url",
+                "--transport": "worker.transport", "--transfer-host": "worker.transfer_host",
+                "--kv-failure-policy": "worker.kv_failure_policy", "--otel": "telemetry.exporter",
+                "--otlp-endpoint": "telemetry.otlp_endpoint"}
+GATEWAY_FLAGS = {"--host": "gateway.host", "--port": "gateway.port", "--max-pending": "gateway.max_pending"}
+ENGINE_FLAGS = {"--max-num-batched-tokens": "max_num_batched_tokens", "--max-num-seqs": "max_num_seqs",
+                "--kv-cache-gib": "kv_cache_memory_gib", "--threads": "num_threads", "--weights": "weights"}
 
 
-def add_flags(parser: argparse.ArgumentParser, table: Mapping[str, tuple[str, type, str]],
-              prefix: str = "") -> None:
-    for flag, (path, kind, help_text) in table.items():
-        parser.add_argument(flag, dest=f"cfg:{prefix}{path}", type=kind, default=None, help=help_text)
+def add_flags(parser: argparse.ArgumentParser, table: Mapping[str, str], prefix: str = "") -> None:
+    for flag, path in table.items():
+        field = _field(f"{prefix}{path}")
+        kind, choices = _flag_type(field.annotation)
+        parser.add_argument(flag, dest=f"cfg:{prefix}{path}", type=kind, choices=choices, default=None,
+                            metavar=None if choices else path.rsplit(".", 1)[-1].upper(), help=field.description)
+
+
+def _field(path: str) -> FieldInfo:
+    """The settings field at a dotted path, e.g. decode.max_num_seqs."""
+    model: type[BaseModel] = Settings
+    *sections, leaf = path.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation  # type: ignore[assignment]  # a section is a model
+    return model.model_fields[leaf]
+
+
+def _flag_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
+    """(argparse type, choices) of a field's annotation: int | None -> int, Literal["a", "b"] -> str, choices."""
+    kinds = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+    (kind,) = kinds
+    if get_origin(kind) is Literal:
+        return str, get_args(kind)
+    return kind, None
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from typing_extensions import Unpack
 
+from shared.tasks import cancel_all
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "distserve:request:"
@@ -111,11 +113,8 @@ class StateWriter:
 
     async def close(self) -> None:
         """Flush what is buffered, then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
         with contextlib.suppress(RedisError, OSError):
             while self.pending:
                 await self._flush()

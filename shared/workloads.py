@@ -47,6 +47,8 @@ SUMMARY_INSTRUCTION = "Summarize the following conversation in a few sentences.\
 
 @dataclass(frozen=True)
 class WorkloadRequest:
+    """One request of a workload: its prompt, how many tokens that is, how many to generate."""
+
     prompt: str
     input_tokens: int
     output_tokens: int

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nats.aio.msg import Msg
-
 from services.worker.base import Worker
 from services.worker.cli import add_worker_command
 from services.worker.runner import StepResult
@@ -20,19 +18,6 @@ from shared import protocol as p
 
 class ColocatedWorker(Worker):
     role = "colocated"
-
-    async def subscribe(self) -> None:
-        assert self.nc is not None
-        await self.nc.subscribe(p.Subjects.submit("colocated", self.instance_id), cb=self._on_submit)
-
-    def load(self) -> p.WorkerLoad:
-        assert self.runner is not None
-        s = self.runner.stats
-        return p.WorkerLoad(queued_tokens=s.queued_prompt_tokens, waiting=s.num_waiting, running=s.num_running,
-                            free_blocks=s.free_blocks, total_blocks=s.total_blocks)
-
-    async def _on_submit(self, msg: Msg) -> None:
-        self.accept(msg)
 
     async def handle_step(self, result: StepResult[Any]) -> None:
         events: list[tuple[str, p.TokenEvent]] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +37,11 @@ class DecodeTracked(Tracked):
 
 class DecodeWorker(Worker):
     role = "decode"
-    uses_transport = True
     kv: KVReceiver
 
-    async def subscribe(self) -> None:
-        assert self.nc is not None and self.transport is not None
-        self.kv = KVReceiver(self, self.transport, self.settings.worker, self._arrived)
-        await self.nc.subscribe(p.Subjects.submit("decode", self.instance_id), cb=self._on_submit)
-        self.spawn(self.kv.run())
+    async def start(self) -> list[Coroutine[Any, Any, None]]:
+        self.kv = KVReceiver(self, self.kv_transport(), self.settings.worker, self._arrived)
+        return [self.kv.run()]
 
     def load(self) -> p.WorkerLoad:
         assert self.runner is not None
@@ -52,7 +50,7 @@ class DecodeWorker(Worker):
         return p.WorkerLoad(queued_tokens=sum(meta.num_kv_tokens for meta in waiting), waiting=len(waiting),
                             running=s.num_running, held=0, free_blocks=s.free_blocks, total_blocks=s.total_blocks)
 
-    async def _on_submit(self, msg: Msg) -> None:
+    async def on_submit(self, msg: Msg) -> None:
         req = self.parse(p.DecodeRequest, msg)
         if req is None:
             return

@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await nats.connect(settings.nats_url or "nats://127.0.0.1:4222", name="gateway",
+        nc = await nats.connect(settings.nats_address, name="gateway",
                                 max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
         state = StateWriter(redis, settings.request_ttl_s)

@@ -11,7 +11,6 @@ none is left waiting forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -28,6 +27,7 @@ from services.gateway.registry import Registry
 from shared import protocol as p
 from shared.config import Settings
 from shared.state import RequestFields, StateWriter
+from shared.tasks import cancel_all
 from shared.telemetry import Tracing, end_span, inject_headers, span_context
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ class Dispatcher:
         self._prune_task = asyncio.create_task(self._prune_loop(), name="prune-workers")
 
     async def close(self) -> None:
-        if self._prune_task is not None:
-            self._prune_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prune_task
+        await cancel_all([self._prune_task])
         for flight in list(self.inflight.values()):
             self._fail(flight, 503, "the gateway is shutting down")
 

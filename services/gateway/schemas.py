@@ -9,11 +9,16 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from shared.sampling_params import SamplingParams, Seed, Temperature, TopK, TopP
 
 MAX_STOP = 4
+_ONLY = {  # field: (the one value served, the error for any other)
+    "n": (1, "only n=1 is supported"),
+    "presence_penalty": (0.0, "penalties are not supported (use 0)"),
+    "frequency_penalty": (0.0, "penalties are not supported (use 0)"),
+}
 
 
 class StreamOptions(BaseModel):
@@ -46,11 +51,12 @@ class _Request(BaseModel):
     frequency_penalty: float = 0.0
     logprobs: Any = None
 
-    @field_validator("n")
+    @field_validator("n", "presence_penalty", "frequency_penalty")
     @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _only_what_we_serve(cls, v: float, info: ValidationInfo) -> float:
+        allowed, message = _ONLY[info.field_name or ""]
+        if v != allowed:
+            raise ValueError(message)
         return v
 
     @field_validator("stop")
@@ -62,13 +68,6 @@ class _Request(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("penalties are not supported (use 0)")
-        return v
 
     @field_validator("logprobs")
     @classmethod

@@ -1,49 +1,19 @@
-"""`distserve plan`, `distserve profile` and `distserve planner` (the online planner service)."""
+"""`distserve plan`, `distserve profile` and `distserve simulate`: the planner's offline commands."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, get_args
 
-from services.planner.latency import LatencyModel, load_profiles, reference_profiles, save_profiles
+from services.planner.args import REFERENCE_NOTE, add_problem_args, cluster_from, parallel_arg, resolve_profiles
+from services.planner.latency import load_profiles, save_profiles
 from services.planner.simulator import Limits, Parallel
-from services.planner.specs import Cluster, gpu_spec, model_key, model_shape
+from services.planner.specs import model_key
 from services.planner.workload import Lengths, load_lengths, make_trace, synthetic_lengths
-from shared.argtypes import fraction, positive_float, positive_int, positive_ints
+from shared.argtypes import positive_float, positive_int, positive_ints
+from shared.config import DType, EngineSettings, Weights
 from shared.workloads import SLO
-
-REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
-
-
-def parallel_arg(text: str) -> Parallel:
-    """TPxPP (or TP alone), e.g. 2x1."""
-    try:
-        tp, _, pp = text.lower().partition("x")
-        return Parallel(int(tp), int(pp or 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TPxPP with positive integers, e.g. 2x1; got {text!r}") from None
-
-
-def add_problem_args(p: argparse.ArgumentParser) -> None:
-    """What plan and planner share: model, hardware, profile, SLO and simulation settings."""
-    p.add_argument("--model", required=True, help="opt-13b, opt-66b, llama-2-70b, ... or a profile's model name")
-    p.add_argument("--nodes", type=positive_int, default=1)
-    p.add_argument("--gpus-per-node", type=positive_int, default=8)
-    p.add_argument("--gpu", default="a100", help="a100 | h100 | h200 (default a100)")
-    p.add_argument("--profile", default="reference",
-                   help=f"reference ({REFERENCE_NOTE}; the colocated baseline uses vLLM's), roofline "
-                        "(analytical, any model and GPU), or a profile JSON from `distserve profile`")
-    p.add_argument("--ttft", type=positive_float, required=True, help="TTFT SLO, seconds")
-    p.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
-    p.add_argument("--attainment", type=fraction, default=0.9, help="SLO attainment target (default 0.9)")
-    p.add_argument("--algorithm", choices=["1", "2", "auto"], default="auto",
-                   help="1: high node-affinity, 2: low node-affinity, auto: 1 if it meets the SLO end to end")
-    p.add_argument("--network-gbps", type=positive_float, default=25.0, help="cross-node bandwidth (default 25)")
-    p.add_argument("--num-requests", type=positive_int, default=1000, help="requests per simulation")
-    p.add_argument("--max-total-tokens", type=positive_int, default=2048, help="context cap (OPT: 2048)")
-    p.add_argument("--prefill-budget", type=positive_int, default=Limits().prefill_token_budget)
-    p.add_argument("--seed", type=int, default=0)
 
 
 def register(subparsers: Any) -> None:
@@ -77,8 +47,9 @@ def register(subparsers: Any) -> None:
     prof.add_argument("--repeats", type=positive_int, default=2)
     prof.add_argument("--kv-cache-gib", type=positive_float, default=1.0)
     prof.add_argument("--threads", type=positive_int, default=None)
-    prof.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    prof.add_argument("--weights", choices=["native", "fp16", "int8"], default="fp16",
+    engine = EngineSettings()  # the serving workers' defaults
+    prof.add_argument("--dtype", choices=get_args(DType), default=engine.dtype)
+    prof.add_argument("--weights", choices=get_args(Weights), default=engine.weights,
                       help="linear weights, as the serving workers' <role>.weights (default %(default)s)")
     prof.add_argument("--compile", action="store_true",
                       help="decode-only steps as compiled graphs, as the workers' <role>.compile")
@@ -117,10 +88,6 @@ def register(subparsers: Any) -> None:
                           "from `bench compare`), not as the load generator saw them")
     sim.set_defaults(func=_guard(run_simulate), gpu="a100")
 
-    from services.planner.service import register_service
-
-    register_service(subparsers)
-
 
 def _guard(fn: Any) -> Any:
     """Bad input (ValueError, or a file that cannot be read) becomes a one-line error and exit status 2,
@@ -134,28 +101,6 @@ def _guard(fn: Any) -> Any:
             print(f"distserve {args.command}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     return run
-
-
-def resolve_profiles(args: argparse.Namespace) -> tuple[LatencyModel, LatencyModel]:
-    """(disaggregated engine's profile, colocated baseline's profile) for --model/--gpu/--profile."""
-    gpu = gpu_spec(args.gpu)
-    key = model_key(args.model)
-    if args.profile == "reference":
-        if gpu.name != "a100":
-            raise ValueError(f"{REFERENCE_NOTE}; use --profile roofline for {gpu.name}")
-        ours, vllm = reference_profiles("distserve"), reference_profiles("vllm")
-        if key not in ours or key not in vllm:
-            raise ValueError(f"{REFERENCE_NOTE}, not {args.model!r}; use --profile roofline")
-        return ours[key], vllm[key]
-    if args.profile == "roofline":
-        from services.planner.roofline import roofline_model
-
-        model = roofline_model(model_shape(args.model), gpu)
-        return model, model
-    models = load_profiles(args.profile)
-    if key not in models:
-        raise ValueError(f"profile {args.profile} has no model {key!r} (it has {sorted(models)})")
-    return models[key], models[key]
 
 
 def workload_tokenizer(tokenizer: str, model: str) -> str:
@@ -174,11 +119,6 @@ def load_workload_lengths(name: str, max_total: int, seed: int, tokenizer: str =
             raise ValueError(f"fixed workload lengths must be >= 1, got {name!r}")
         return synthetic_lengths(inp, out)
     return load_lengths(name, seed=seed, max_total_tokens=max_total, tokenizer=tokenizer)
-
-
-def cluster_from(args: argparse.Namespace) -> Cluster:
-    return Cluster(args.nodes, args.gpus_per_node, nvlink_bandwidth=gpu_spec(args.gpu).nvlink_bandwidth,
-                   network_bandwidth=args.network_gbps * 1e9 / 8)
 
 
 def run_plan(args: argparse.Namespace) -> int:

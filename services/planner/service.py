@@ -25,9 +25,13 @@ from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import ValidationError
 
+from services.planner.args import add_problem_args, cluster_from, resolve_profiles
 from services.planner.policy import Observed, Policy, WindowStats, plan_for, should_replan, window_stats
 from services.planner.report import plan_message
+from services.planner.simulator import Limits
+from shared.config import add_config_flag, add_flags, settings_from_args
 from shared.protocol import PlanMessage, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
+from shared.workloads import SLO
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +200,11 @@ class PlannerService:
             await nc.drain()
 
 
-def register_service(subparsers: Any) -> None:
-    from services.planner.cli import add_problem_args
-
+def register(subparsers: Any) -> None:
     p = subparsers.add_parser("planner", help="online planner: watch traffic on NATS, publish recommended plans")
     add_problem_args(p)
-    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    add_config_flag(p)  # the stack's settings: NATS from --nats-url, DISTSERVE_NATS_URL or the file
+    add_flags(p, {"--nats-url": "nats_url"})
     p.add_argument("--window", type=float, default=60.0, help="seconds of traffic to plan from")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between policy evaluations")
     p.add_argument("--threshold", type=float, default=0.2, help="relative shift that triggers a replan")
@@ -210,18 +213,15 @@ def register_service(subparsers: Any) -> None:
 
 
 def _run_service(args: argparse.Namespace) -> int:
-    from services.planner.cli import cluster_from, resolve_profiles
-    from services.planner.simulator import Limits
-    from shared.workloads import SLO
-
     try:
         model, baseline = resolve_profiles(args)
         policy = Policy(model, cluster_from(args), SLO(args.ttft, args.tpot, args.attainment), baseline,
                         rel_change=args.threshold, num_requests=min(args.num_requests, 1000),
                         limits=Limits(prefill_token_budget=args.prefill_budget), seed=args.seed)
         registry = CollectorRegistry()
-        service = PlannerService(policy, args.nats_url, args.window, args.interval, registry)
-    except ValueError as e:
+        service = PlannerService(policy, settings_from_args(args).nats_address, args.window, args.interval,
+                                 registry)
+    except (ValueError, FileNotFoundError) as e:
         print(f"distserve planner: error: {e}", file=sys.stderr)
         return 2
     if args.metrics_port:

@@ -9,6 +9,7 @@ is dropped.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Coroutine
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -23,24 +24,13 @@ from shared.engine import KVExport, StepOutput
 
 class PrefillWorker(Worker):
     role = "prefill"
-    uses_transport = True
     kv: KVSender
 
-    async def subscribe(self) -> None:
-        assert self.nc is not None and self.transport is not None
-        self.kv = KVSender(self, self.transport, self.settings.worker.kv_lease_s)
-        await self.nc.subscribe(p.Subjects.submit("prefill", self.instance_id), cb=self._on_submit)
+    async def start(self) -> list[Coroutine[Any, Any, None]]:
+        assert self.nc is not None
+        self.kv = KVSender(self, self.kv_transport(), self.settings.worker.kv_lease_s)
         await self.nc.subscribe(p.Subjects.release(self.instance_id), cb=self._on_release)
-        self.spawn(self.kv.run_lease())
-
-    def load(self) -> p.WorkerLoad:
-        assert self.runner is not None
-        s = self.runner.stats
-        return p.WorkerLoad(queued_tokens=s.queued_prompt_tokens, waiting=s.num_waiting, running=s.num_running,
-                            held=s.num_held, free_blocks=s.free_blocks, total_blocks=s.total_blocks)
-
-    async def _on_submit(self, msg: Msg) -> None:
-        self.accept(msg)
+        return [self.kv.run_lease()]
 
     def post_step(self, outputs: list[StepOutput]) -> dict[str, KVExport]:
         assert self.engine is not None

@@ -36,6 +36,7 @@ from shared.cpus import lower_priority
 from shared.engine import EngineConfig, LLMEngine, StepOutput
 from shared.protocol import M
 from shared.state import RequestFields, StateWriter, push_steps, steps_key
+from shared.tasks import cancel_all
 from shared.telemetry import Tracing, extract_context
 from shared.transfer import KVTransport, create_transport
 
@@ -60,7 +61,6 @@ class Tracked:
 
 class Worker(ABC):
     role: ClassVar[p.Role]
-    uses_transport: ClassVar[bool] = False
 
     def __init__(self, settings: Settings, instance_id: str) -> None:
         self.settings = settings
@@ -85,9 +85,14 @@ class Worker(ABC):
 
     # -- what roles provide ---------------------------------------------------------------------------
 
-    @abstractmethod
-    async def subscribe(self) -> None:
-        """Set up the role (its side of the KV hand-off) and subscribe to its subjects: everything else is up."""
+    async def start(self) -> list[Coroutine[Any, Any, None]]:
+        """Once everything else is up: the role's own parts (its side of the KV hand-off, its other
+        subscriptions). The loops it returns run until shutdown."""
+        return []
+
+    async def on_submit(self, msg: Msg) -> None:
+        """New work for this worker: a PrefillRequest (prefill and colocated roles) by default."""
+        self.accept(msg)
 
     def post_step(self, outputs: list[StepOutput]) -> Any:
         """Runs on the engine thread right after a step (e.g. export KV while it is still held)."""
@@ -97,9 +102,20 @@ class Worker(ABC):
     async def handle_step(self, result: StepResult[Any]) -> None:
         """Runs on the event loop for every step that produced outputs, in step order."""
 
-    @abstractmethod
     def load(self) -> p.WorkerLoad:
-        ...
+        """What dispatch needs to know (the engine's queues, by default)."""
+        assert self.runner is not None
+        s = self.runner.stats
+        return p.WorkerLoad(queued_tokens=s.queued_prompt_tokens, waiting=s.num_waiting, running=s.num_running,
+                            held=s.num_held, free_blocks=s.free_blocks, total_blocks=s.total_blocks)
+
+    @property
+    def hands_off_kv(self) -> bool:
+        return self.role in ("prefill", "decode")
+
+    def kv_transport(self) -> KVTransport:
+        assert self.transport is not None, "the transport starts before the role"
+        return self.transport
 
     def serves(self, request_id: str) -> bool:
         """Whether this worker holds anything of the request (an abort is for it)."""
@@ -124,19 +140,21 @@ class Worker(ABC):
         loop = asyncio.get_running_loop()
         lower_priority(self.engine_settings.nice)  # before the engine's threads: they inherit it
         self.engine = await asyncio.to_thread(self.build_engine)
-        self.nc = await nats.connect(self.settings.nats_url or "nats://127.0.0.1:4222", name=self.instance_id,
+        self.nc = await nats.connect(self.settings.nats_address, name=self.instance_id,
                                      max_reconnect_attempts=-1, reconnect_time_wait=0.5)
         if self.settings.redis_url:
             self.redis = aioredis.from_url(self.settings.redis_url)
             self.state = StateWriter(self.redis, self.settings.request_ttl_s)
             self.state.start()
-        if self.uses_transport:
+        if self.hands_off_kv:
             self.transport = create_transport(self.settings.worker.transport, self.settings.worker.transfer_host)
             await self.transport.start()
         self.runner = EngineRunner(self.engine, loop, self._steps.put_nowait, self.post_step, self._fatal,
                                    min_interval=self.engine_settings.step_interval_s)
         self.runner.start()
-        await self.subscribe()
+        for role_loop in await self.start():
+            self.spawn(role_loop)
+        await self.nc.subscribe(p.Subjects.submit(self.role, self.instance_id), cb=self.on_submit)
         await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
@@ -163,11 +181,7 @@ class Worker(ABC):
             with contextlib.suppress(Exception):
                 await self.nc.publish(p.Subjects.bye, p.WorkerBye(instance_id=self.instance_id).encode())
                 await self.nc.flush(timeout=2)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(list(self._tasks))
         if self.runner is not None:
             await self.runner.stop()
         if self.transport is not None:

@@ -16,7 +16,6 @@ the services never import one directly, so a new transport (UCX) plugs in withou
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 from abc import ABC, abstractmethod
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,7 @@ class KVTransport(ABC):
         task.add_done_callback(self._tasks.discard)
 
     async def _cancel_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(list(self._tasks))
 
     @abstractmethod
     async def start(self) -> None: ...

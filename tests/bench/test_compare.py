@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from services.cli import build_parser
-from services.launcher import split_threads, worker_names
-from shared.bench.compare import (
+from services.bench.compare import (
     DEPLOYMENTS,
     EngineKnobs,
     cap_outputs,
@@ -29,8 +27,10 @@ from shared.bench.compare import (
     plot_all,
     split_by_run,
 )
-from shared.bench.metrics import RequestRecord
-from shared.bench.serve import analyze
+from services.bench.metrics import RequestRecord
+from services.bench.serve import analyze
+from services.cli import build_parser
+from services.launcher import split_threads, worker_names
 from shared.cpus import available_cpus
 from shared.servers import RedisServer
 from shared.state import StateWriter, push_steps, steps_key

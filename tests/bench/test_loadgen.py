@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.bench.arrivals import arrival_times
-from shared.bench.client import ClientConfig, discover_model, make_http_client
-from shared.bench.loadgen import CANCELLED, NOT_SENT, Run, run_load
-from shared.bench.metrics import RequestRecord, attainment, summarize
-from shared.bench.serve import SweepConfig, analyze, sweep
+from services.bench.arrivals import arrival_times
+from services.bench.client import ClientConfig, discover_model, make_http_client
+from services.bench.loadgen import CANCELLED, NOT_SENT, Run, run_load
+from services.bench.metrics import RequestRecord, attainment, summarize
+from services.bench.serve import SweepConfig, analyze, sweep
 from shared.workloads import SLO, WorkloadRequest
 from tests.bench.stub_server import StubServer, StubState
 

@@ -143,8 +143,8 @@ def test_default_slos_and_scaling() -> None:
 
 
 def test_chatbot_prompts_go_to_the_chat_api_unless_told_otherwise() -> None:
+    from services.bench.serve import api_from_args
     from services.cli import build_parser
-    from shared.bench.serve import api_from_args
 
     assert [default_api(n) for n in ("chatbot", "code", "summarization", "synthetic:8:8")] == [
         "chat", "completions", "completions", "completions"]

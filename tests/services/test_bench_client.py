@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from services.bench.overhead import one_request
 from services.launcher import Stack
-from shared.bench.overhead import one_request
 from tests.services.test_stack import MODEL, PROMPT
 
 

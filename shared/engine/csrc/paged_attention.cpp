@@ -91,21 +91,22 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         for (int64_t byte = 0; byte < kv_stride * int64_t(sizeof(scalar_t)); byte += 64)
           __builtin_prefetch(next + byte);
       };
+      // fn(r, x) for every query row r of these heads, x being token t's K or V row of r's KV head.
+      auto each_row = [&](const scalar_t* half, int64_t t, auto&& fn) {
+        prefetch_next_block(half, t);
+        const scalar_t* x_token = token(half, t);
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t g = 0; g < group; ++g) fn((h - h0) * group + g, x_token + h * head_dim);
+      };
 
       for (int64_t t = 0; t < len; ++t) {  // scores = q . K
-        prefetch_next_block(k_base, t);
-        const scalar_t* k_token = token(k_base, t);
-        for (int64_t h = h0; h < h1; ++h) {
-          const scalar_t* k = k_token + h * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = (h - h0) * group + g;
-            const float* qr = qf.data() + r * head_dim;
-            float sum = 0.f;
+        each_row(k_base, t, [&](int64_t r, const scalar_t* k) {
+          const float* qr = qf.data() + r * head_dim;
+          float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t d = 0; d < head_dim; ++d) sum += qr[d] * static_cast<float>(k[d]);
-            scores[r * len + t] = sum;
-          }
-        }
+          for (int64_t d = 0; d < head_dim; ++d) sum += qr[d] * static_cast<float>(k[d]);
+          scores[r * len + t] = sum;
+        });
       }
       for (int64_t r = 0; r < rows; ++r) {  // softmax over the context
         float* s = scores.data() + r * len;
@@ -117,18 +118,12 @@ void attend(const at::Tensor& q, const at::Tensor& cache, int64_t layer, const a
         for (int64_t t = 0; t < len; ++t) s[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {  // out = p . V
-        prefetch_next_block(v_base, t);
-        const scalar_t* v_token = token(v_base, t);
-        for (int64_t h = h0; h < h1; ++h) {
-          const scalar_t* v = v_token + h * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t r = (h - h0) * group + g;
-            const float p = scores[r * len + t];
-            float* a = acc.data() + r * head_dim;
+        each_row(v_base, t, [&](int64_t r, const scalar_t* v) {
+          const float p = scores[r * len + t];
+          float* a = acc.data() + r * head_dim;
 #pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
-          }
-        }
+          for (int64_t d = 0; d < head_dim; ++d) a[d] += p * static_cast<float>(v[d]);
+        });
       }
       scalar_t* o = out_data + b * heads * head_dim + h0 * group * head_dim;
       for (int64_t i = 0; i < rows * head_dim; ++i) o[i] = static_cast<scalar_t>(acc[i]);

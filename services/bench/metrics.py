@@ -44,17 +44,14 @@ class RequestRecord:
 
     @property
     def ttft(self) -> float | None:
-        if not self.ok:
-            return None
-        assert self.first_token_s is not None and self.sent_s is not None
-        return self.first_token_s - self.sent_s
+        return self._since_sent(self.first_token_s)
 
     @property
     def e2e(self) -> float | None:
-        if not self.ok:
-            return None
-        assert self.end_s is not None and self.sent_s is not None
-        return self.end_s - self.sent_s
+        return self._since_sent(self.end_s)
+
+    def _since_sent(self, t: float | None) -> float | None:
+        return t - self.sent_s if self.ok and t is not None and self.sent_s is not None else None
 
     @property
     def tpot(self) -> float | None:

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from shared.argtypes import positive_int, positive_ints
+from shared.argtypes import names_from, positive_int, positive_ints
 from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine
 from shared.engine.quant import Fp16Linear, PackedBf16Linear
@@ -217,22 +217,14 @@ def decode_table(results: list[DecodeResult], m: Machine, weight_bytes: dict[str
 
 
 
-def variant_list(value: str) -> list[str]:
-    items = value.split(",")
-    bad = [v for v in items if v not in VARIANTS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-    return items
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("engine", help="engine prefill and decode speed against this machine's limits",
                               description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default="default", help="as for `distserve generate` (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
-    p.add_argument("--variants", type=variant_list, default=["fp32"],
+    p.add_argument("--variants", type=names_from(VARIANTS, "variant"), default=("fp32",),
                    help="comma-separated, run one after the other: " + ", ".join(VARIANTS) + "; default fp32")
-    p.add_argument("--int8", dest="variants", action="store_const", const=["int8"], help="same as --variants int8")
+    p.add_argument("--int8", dest="variants", action="store_const", const=("int8",), help="same as --variants int8")
     p.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default %(default)s)")
     p.add_argument("--decode-steps", type=positive_int, default=16, help="timed steps per decode batch (default 16)")

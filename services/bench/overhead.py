@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from services.launcher import Stack
 from shared.config import load_settings
 from shared.servers import free_port
 from shared.state import Phase, read_request
@@ -165,8 +166,6 @@ def random_prompt(tokenizer_vocab: int, length: int, rng: random.Random) -> list
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.launcher import Stack  # the bench starts a real stack
-
     if args.output_tokens < 2 or args.repeat < 1 or min(args.prompt_tokens) < 1:
         print("distserve bench overhead: needs --output-tokens >= 2, --repeat >= 1, prompt lengths >= 1")
         return 2

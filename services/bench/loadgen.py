@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import httpx
 
-from shared.bench.client import ClientConfig, Timing, stream_request
-from shared.bench.metrics import RequestRecord
+from services.bench.client import ClientConfig, Timing, stream_request
+from services.bench.metrics import RequestRecord
 from shared.workloads import WorkloadRequest
 
 CANCELLED = "cancelled at the time limit"

@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from shared.argtypes import positive_int, positive_ints
+from shared.argtypes import names_from, positive_int, positive_ints
 from shared.transfer import KVTransport, create_transport
 
 MiB = 1 << 20
@@ -97,7 +97,7 @@ async def _serve(transport_name: str, plan: dict[str, tuple[list[int], list[int]
 
 
 def serve_main() -> None:
-    """Child process: `python -c 'from shared.bench.transfer import serve_main; serve_main()' NAME SIZES KV`."""
+    """Child process: `python -c 'from services.bench.transfer import serve_main; serve_main()' NAME SIZES KV`."""
     name, sizes, kv = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], int(sys.argv[3])
     asyncio.run(_serve(name, items(sizes, kv)))
 
@@ -139,7 +139,7 @@ async def _pull_all(client: KVTransport, address: str, plan: dict[str, tuple[lis
 def bench_variant(key: str, plan: dict[str, tuple[list[int], list[int]]], sizes: list[int], kv_bytes: int,
                   warmup: int, repeat: int) -> list[Result]:
     variant = VARIANTS[key]
-    code = "from shared.bench.transfer import serve_main; serve_main()"
+    code = "from services.bench.transfer import serve_main; serve_main()"
     args = [sys.executable, "-c", code, variant.transport, ",".join(map(str, sizes)), str(kv_bytes)]
     child = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, **variant.env})
@@ -214,19 +214,12 @@ def ttft_table(results: list[Result], ttft_s: float, tokens: int, source: str) -
     return table
 
 
-def variant_list(value: str) -> list[str]:
-    names = value.split(",")
-    bad = [n for n in names if n not in VARIANTS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown transport(s) {bad}; choose from {', '.join(VARIANTS)}")
-    return names
-
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("transfer", help="KV transfer bandwidth per transport against memcpy and TTFT",
                               description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--transports", type=variant_list, default=list(VARIANTS),
+    p.add_argument("--transports", type=names_from(VARIANTS, "transport"), default=tuple(VARIANTS),
                    help=f"comma-separated: {', '.join(VARIANTS)} (default: all available)")
     p.add_argument("--sizes-mib", type=positive_ints, default=[1, 16, 64], help="default 1,16,64")
     p.add_argument("--prompt-tokens", type=positive_int, default=512, help="tokens of the typical prompt (512)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,16 +21,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from shared.bench import plots, report
-from shared.bench.client import ClientConfig, discover_model, make_http_client, stream_request
-from shared.bench.metrics import RequestRecord, percentile
-from shared.bench.serve import (
+from services.bench import plots, report
+from services.bench.client import ClientConfig, discover_model, make_http_client, stream_request
+from services.bench.metrics import RequestRecord, percentile
+from services.bench.serve import (
     BenchResult,
     Progress_,
     add_workload_args,
@@ -45,8 +47,11 @@ from shared.bench.serve import (
     sweep_from_args,
     workload_from_args,
 )
-from shared.config import EngineSettings, Settings, load_settings
+from services.launcher import Stack
+from shared.argtypes import names_from
+from shared.config import DType, EngineSettings, Settings, Weights, load_settings
 from shared.cpus import available_cpus, pin_process
+from shared.servers import free_port
 from shared.state import Phase, read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
@@ -67,53 +72,40 @@ DISAGGREGATED = ("disagg", "disagg-2p1d")  # the better one counts
 log = logging.getLogger("distserve.bench.compare")
 
 
-@dataclass(frozen=True)
-class EngineKnobs:
-    """Engine settings every deployment shares (threads excepted), plus the chunk of `chunked`."""
+class EngineKnobs(BaseModel):
+    """What the deployments of one comparison share: the cores they split, the model, every worker's engine
+    knobs, and the options of the disaggregated ones. Each deployment's `Settings` derive from these, and
+    validate them (`deployment_settings`): only what the comparison itself means is checked here."""
 
-    cores: int = 2
-    kv_cache_gib: float = 1.0
-    max_num_seqs: int = 64
-    chunk_tokens: int = 256  # chunked prefill's per-step token budget (decodes + prompt chunks)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cores: int = 2  # split evenly between two workers
     model: str = "default"
-    weights: str = "native"  # linear weights of every worker (EngineSettings.weights)
-    compile: bool = False  # decode-only steps as compiled graphs in every worker (EngineSettings.compile)
-    dtype: str = "float32"  # every worker's (EngineSettings.dtype); a bfloat16 worker keeps bfloat16 weights
-    prefill_dtype: str | None = None  # disagg's prefill worker only (None: dtype), e.g. bfloat16 on AMX CPUs
-    prefill_nice: int = 0  # disagg's prefill workers yield the cores to decode by this much (EngineSettings.nice)
-    decode_interval: float = 0.0  # disagg's decode worker paces its steps to this (EngineSettings.step_interval_s)
+    kv_cache_gib: float = EngineSettings.model_fields["kv_cache_memory_gib"].default
+    max_num_seqs: int = EngineSettings.model_fields["max_num_seqs"].default
+    weights: Weights = EngineSettings.model_fields["weights"].default  # of float32 workers; bfloat16 keeps its own
+    compile: bool = False  # decode-only steps as compiled graphs in every worker
+    dtype: DType = "float32"  # every worker's
+    prefill_dtype: DType | None = None  # disaggregated prefill workers' (None: dtype), e.g. bfloat16 on AMX CPUs
+    chunk_tokens: int = 256  # chunked prefill's per-step token budget (decodes + prompt chunks)
+    prefill_nice: int = 0  # disaggregated prefill workers yield the cores to decode by this much (RoleSettings.nice)
+    decode_interval: float = 0.0  # disaggregated decode workers pace their steps (RoleSettings.step_interval_s)
     pin: bool = False  # workers on CPUs of their own; the services (and this client) on the last worker's
+
+    @model_validator(mode="after")
+    def _cores(self) -> EngineKnobs:
+        if self.cores < 2 or self.cores % 2:
+            raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
+        if self.pin and self.cores > len(available_cpus()):
+            raise ValueError(f"--pin with --cores {self.cores} needs that many CPUs; {len(available_cpus())} available")
+        return self
 
     def service_cpus(self) -> list[int]:
         """Where the gateway, NATS, Redis and the load generator run when pinned: the last worker's CPU."""
         return [available_cpus()[self.cores - 1]]
 
-    def __post_init__(self) -> None:
-        if self.cores < 2 or self.cores % 2:
-            raise ValueError(f"--cores must be even and >= 2 (split evenly between two workers), got {self.cores}")
-        if self.pin and self.cores > len(available_cpus()):
-            raise ValueError(f"--pin with --cores {self.cores} needs that many CPUs; {len(available_cpus())} available")
-        if not 0 <= self.prefill_nice <= 19:
-            raise ValueError(f"--prefill-nice must be 0-19 (a Linux nice value), got {self.prefill_nice}")
-        if not 0 <= self.decode_interval <= 10:
-            raise ValueError(f"--decode-interval must be 0-10 seconds, got {self.decode_interval}")
-        if self.chunk_tokens < 1 or self.max_num_seqs < 1 or not self.kv_cache_gib > 0:
-            raise ValueError("--chunk-tokens, --max-num-seqs and --kv-cache-gib must be positive")
-        for dtype in (self.dtype, self.prefill_dtype or self.dtype):
-            if dtype not in ("float32", "bfloat16"):
-                raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
-
-def parse_deployments(text: str) -> tuple[str, ...]:
-    """'disagg,colocated' -> ('disagg', 'colocated'); unknown or repeated names are errors."""
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [n for n in names if n not in DEPLOYMENTS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown deployment(s) {unknown or text!r}; choose from "
-                                         f"{', '.join(DEPLOYMENTS)}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"deployment listed twice in {text!r}")
-    return names
+parse_deployments = names_from(DEPLOYMENTS, "deployment")
 
 
 def deployment_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
@@ -297,8 +289,6 @@ class Measured:
 def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[WorkloadRequest],
                    slo: SLO, progress: Progress_ | None, say: Callable[[str], None]) -> Measured:
     """Start a fresh stack, warm it up, sweep it, read its request timelines, stop it."""
-    from services.launcher import Stack  # the services are only needed when a comparison runs
-
     stack = Stack(settings, args.log_level, announce=False)
     own_cpus = available_cpus()
     try:
@@ -354,29 +344,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--deployments", type=parse_deployments, default=tuple(DEPLOYMENTS),
                    help=f"comma-separated, run in this order: {', '.join(DEPLOYMENTS)} (default: all)")
-    p.add_argument("--cores", type=int, default=2, help="cores the deployments split (default 2)")
-    p.add_argument("--chunk-tokens", type=int, default=256,
-                   help="token budget per step of `chunked` (default 256)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV pool per worker (default 1.0)")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="decode batch cap per worker (default 64)")
-    p.add_argument("--model", default="default", help="served model (default: SmolLM2-135M)")
-    p.add_argument("--weights", choices=["native", "fp16", "int8"], default=EngineSettings().weights,
-                   help="linear weights of every worker (default %(default)s)")
-    p.add_argument("--compile", action="store_true",
-                   help="every worker runs decode-only steps as compiled graphs (compiles at start)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="every worker's dtype; bfloat16 workers keep bfloat16 weights (default %(default)s)")
-    p.add_argument("--prefill-dtype", choices=["float32", "bfloat16"],
-                   help="disagg's prefill worker's dtype (default: --dtype); its KV is converted on import")
-    p.add_argument("--prefill-nice", type=int, default=0, metavar="N",
-                   help="disaggregated deployments' prefill workers run N nice levels below decode (0-19), so that "
-                        "on shared cores decode steps run first (default 0)")
-    p.add_argument("--decode-interval", type=float, default=0.0, metavar="S",
-                   help="disaggregated deployments' decode worker starts a step at most every S seconds, leaving the "
-                        "rest to prefill on shared cores (default 0: as fast as it can)")
-    p.add_argument("--pin", action="store_true",
-                   help="pin each worker to its own CPUs, and the gateway, NATS, Redis and this load generator to "
-                        "the last worker's (Settings.pin_workers, service_cpus)")
+    # Each knob's default is EngineKnobs' (given only when set: knob=None is left out).
+    knob = functools.partial(_knob_flag, p)
+    knob("--cores", "cores", int, "cores the deployments split (default 2)")
+    knob("--chunk-tokens", "chunk_tokens", int, "token budget per step of `chunked` (default 256)")
+    knob("--kv-cache-gib", "kv_cache_gib", float, "KV pool per worker (default 1.0)")
+    knob("--max-num-seqs", "max_num_seqs", int, "decode batch cap per worker (default 64)")
+    knob("--model", "model", str, "served model (default: SmolLM2-135M)")
+    knob("--weights", "weights", str, f"linear weights of every float32 worker: {', '.join(get_args(Weights))} "
+         f"(default {EngineKnobs().weights})")
+    knob("--compile", "compile", None, "every worker runs decode-only steps as compiled graphs (compiles at start)")
+    knob("--dtype", "dtype", str, "every worker's dtype: float32 (default) or bfloat16 (keeps bfloat16 weights)")
+    knob("--prefill-dtype", "prefill_dtype", str,
+         "disaggregated prefill workers' dtype (default: --dtype); their KV is converted on import")
+    knob("--prefill-nice", "prefill_nice", int, "disaggregated deployments' prefill workers run N nice levels below "
+         "decode (0-19), so that on shared cores decode steps run first (default 0)")
+    knob("--decode-interval", "decode_interval", float, "disaggregated deployments' decode worker starts a step at "
+         "most every S seconds, leaving the rest to prefill on shared cores (default 0: as fast as it can)")
+    knob("--pin", "pin", None, "pin each worker to its own CPUs, and the gateway, NATS, Redis and this load "
+         "generator to the last worker's (Settings.pin_workers, service_cpus)")
     p.add_argument("--warmup", type=int, default=2, help="unrecorded requests before each sweep (default 2)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for each stack")
     p.add_argument("--log-level", default="WARNING", help="log level of the stacks' processes")
@@ -386,20 +372,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _knob_flag(parser: argparse.ArgumentParser, flag: str, knob: str, kind: type | None, help_text: str) -> None:
+    if kind is None:
+        parser.add_argument(flag, dest=f"knob:{knob}", action="store_true", default=None, help=help_text)
+    else:
+        parser.add_argument(flag, dest=f"knob:{knob}", type=kind, default=None, help=help_text)
+
+
+def knobs_from_args(args: argparse.Namespace) -> EngineKnobs:
+    given = {dest[5:]: value for dest, value in vars(args).items() if dest.startswith("knob:") and value is not None}
+    return EngineKnobs(**given)
+
+
 def main(args: argparse.Namespace) -> int:
     console, err = Console(), Console(stderr=True)
     try:
         slo = slo_from_args(args)
         sweep_from_args(args)  # validates the sweep before any stack starts
-        knobs = EngineKnobs(cores=args.cores, kv_cache_gib=args.kv_cache_gib, max_num_seqs=args.max_num_seqs,
-                            chunk_tokens=args.chunk_tokens, model=args.model, weights=args.weights,
-                            compile=args.compile, dtype=args.dtype, prefill_dtype=args.prefill_dtype,
-                            prefill_nice=args.prefill_nice, decode_interval=args.decode_interval, pin=args.pin)
+        knobs = knobs_from_args(args)
+        # Every deployment's settings, validated before the first stack starts (ports are set per run).
+        for name in args.deployments:
+            deployment_settings(name, knobs, 0, slo)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
-    from shared.servers import free_port
 
     signal.signal(signal.SIGTERM, _interrupt)  # a stopped comparison still stops its stack
 
@@ -438,7 +435,7 @@ def main(args: argparse.Namespace) -> int:
     if args.plots and scale_rate is not None:
         plot_all(results, slo, scale_rate, out)
     report.write_summary({
-        "command": "compare", "workload": args.workload, "slo": asdict(slo), "cores": args.cores,
+        "command": "compare", "workload": args.workload, "slo": asdict(slo), "cores": knobs.cores,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "goodput_rps": goodputs,
         "goodput_interpolated_rps": {r.label: r.goodput_interpolated for r in results},

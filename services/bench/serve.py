@@ -21,12 +21,11 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared.argtypes import positive_float
-from shared.bench import plots, report
-from shared.bench.arrivals import ARRIVAL_PROCESSES, ArrivalProcess, arrival_times
-from shared.bench.client import APIS, Api, ClientConfig, discover_model, make_http_client
-from shared.bench.loadgen import Run, run_load
-from shared.bench.metrics import (
+from services.bench import plots, report
+from services.bench.arrivals import ARRIVAL_PROCESSES, ArrivalProcess, arrival_times
+from services.bench.client import APIS, Api, ClientConfig, discover_model, make_http_client
+from services.bench.loadgen import Run, run_load
+from services.bench.metrics import (
     RequestRecord,
     RunSummary,
     attainment_vs_scale,
@@ -35,6 +34,7 @@ from shared.bench.metrics import (
     next_probe_rate,
     summarize,
 )
+from shared.argtypes import positive_float
 from shared.workloads import SLO, WorkloadRequest, default_api, default_slo, load_workload
 
 # The SLO-scale view: both bounds from 4x tighter to 4x looser (1.0 included).

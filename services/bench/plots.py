@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.bench.metrics import RequestRecord, RunSummary  # noqa: E402
+from services.bench.metrics import RequestRecord, RunSummary  # noqa: E402
 from shared.workloads import SLO  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from shared.bench.metrics import RequestRecord, RunSummary
+from services.bench.metrics import RequestRecord, RunSummary
 
 
 def write_records(records: Sequence[RequestRecord], directory: Path) -> None:
