@@ -28,7 +28,8 @@ from pydantic_settings import (
 Mode = Literal["disaggregated", "colocated"]
 Role = Literal["prefill", "decode", "colocated"]
 DType = Literal["float32", "bfloat16"]
-Weights = Literal["native", "fp16", "int8"]  # linear weights: in the engine's dtype, or fp16 / int8 (quant.py)
+# linear weights: in the engine's dtype; fp16 or int8 (torch's kernels); q8_0 or q4_1 (GGUF's blocks, our kernel)
+Weights = Literal["native", "fp16", "int8", "q8_0", "q4_1"]
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
 
 _URL_SCHEMES = {"nats_url": (("nats", "tls", "ws", "wss"), "nats://host:port"),
@@ -62,8 +63,8 @@ class EngineSettings(_Section):
     dtype: DType = Field(default="float32", description="weights, activations and KV")
     # fp16: FBGEMM's kernels, about 1.5-2.5x faster decode on CPU than fp32, logits within ~1e-3 of it
     # (shared/engine/quant.py).
-    weights: Weights = Field(default="fp16", description="linear weights: native (in dtype), fp16 or int8 "
-                             "(both with float32 activations)")
+    weights: Weights = Field(default="fp16", description="linear weights: native (in dtype), fp16, int8, q8_0 or q4_1 "
+                             "(all but native with float32 activations; q4_1 keeps the LM head q8_0)")
     # Decode-only steps as one torch.compile graph: about 1.5x faster decode at batch 1 with fp16 weights,
     # paid for with 12-15 s (warm inductor cache) to 1.5 min (cold) of compiling at engine start.
     compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")

@@ -34,18 +34,22 @@ def _cpu_signature() -> bytes:
 
 
 @functools.cache
-def load_op_library(name: str) -> None:
-    """Load csrc/<name>.cpp's ops, building the library the first time (a few seconds)."""
+def load_op_library(name: str, extra_flags: tuple[str, ...] = ()) -> None:
+    """Load csrc/<name>.cpp's ops, building the library the first time (a few seconds).
+
+    `extra_flags` build a variant (tests build each instruction set's path of a kernel under a namespace
+    of its own, e.g. ("-mno-avx512f", "-DDISTSERVE_NS=distserve_avx2"))."""
     from torch.utils import cpp_extension  # for torch's include and library paths
 
     source = CSRC / f"{name}.cpp"
     text = source.read_bytes()
-    key = hashlib.sha256(text + torch.__version__.encode() + " ".join(FLAGS).encode() + _cpu_signature())
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256(text + torch.__version__.encode() + " ".join(flags).encode() + _cpu_signature())
     library = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not library.exists():
 
         def build(out: Path) -> None:
-            command = [os.environ.get("CXX", "c++"), *FLAGS,
+            command = [os.environ.get("CXX", "c++"), *flags,
                        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                        *(f"-I{p}" for p in cpp_extension.include_paths()), str(source), "-o", str(out),
                        *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-lgomp"]

@@ -105,6 +105,106 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+# -- GGUF's block formats, dequantized in the kernel (csrc/quant_linear.cpp) ------------------------------
+
+BLOCK = 32  # weights per block, along the input dimension
+BLOCK_MAX_ROWS = 64  # up to this many input rows, the fused kernel; beyond (prefill), one GEMM on the widened weight
+BlockFormat = Literal["q4_1", "q8_0"]
+
+
+@functools.cache
+def load_block_ops() -> None:
+    """Load distserve::q4_1_linear and q8_0_linear (csrc/quant_linear.cpp, built at first use)."""
+    load_op_library("quant_linear")
+    register_block_fakes("distserve")
+
+
+def register_block_fakes(namespace: str) -> None:
+    """Shapes for torch.compile: the ops take plain tensors, so compiled graphs call them directly."""
+    def q4_1(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    def q8_0(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], qs.shape[0])
+
+    torch.library.register_fake(f"{namespace}::q4_1_linear", q4_1)
+    torch.library.register_fake(f"{namespace}::q8_0_linear", q8_0)
+
+
+def quantize_blocks(w: torch.Tensor, fmt: BlockFormat) -> dict[str, torch.Tensor]:
+    """A [N, K] weight in `fmt`'s blocks (K a multiple of 32), as GGUF quantizes: q4_1 maps each block's
+    minimum to 0 and its maximum to 15, q8_0 its largest magnitude to 127, with fp16 scales. A weight that
+    was dequantized from these very blocks (a GGUF model's) comes back unchanged."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"{fmt} needs an input dimension that is a multiple of {BLOCK}, not {k}")
+    blocks = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    if fmt == "q8_0":
+        d = (blocks.abs().amax(-1) / 127).half()
+        scale = d.float()[..., None]
+        q = torch.where(scale > 0, blocks / scale.clamp(min=1e-30), 0).round().clamp(-127, 127)
+        return {"qs": q.to(torch.int8).reshape(n, k).contiguous(), "d": d.contiguous()}
+    m = blocks.amin(-1).half()
+    d = ((blocks.amax(-1) - m.float()) / 15).half()
+    scale = d.float()[..., None]
+    q = torch.where(scale > 0, (blocks - m.float()[..., None]) / scale.clamp(min=1e-30), 0).round().clamp(0, 15)
+    q = q.to(torch.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)  # byte j: weight j (low nibble), weight j + 16 (high)
+    return {"qs": packed.reshape(n, k // 2).contiguous(), "d": d.contiguous(), "m": m.contiguous()}
+
+
+def dequantize_blocks(blocks: dict[str, torch.Tensor], fmt: BlockFormat) -> torch.Tensor:
+    """The float32 [N, K] weight of quantize_blocks' output (the exact inverse for a GGUF model's weights)."""
+    qs, d = blocks["qs"], blocks["d"].float()[..., None]
+    n = qs.shape[0]
+    if fmt == "q8_0":
+        return (qs.reshape(n, -1, BLOCK).float() * d).reshape(n, -1)
+    q = qs.reshape(n, -1, 16)
+    nibbles = torch.cat([q & 15, q >> 4], dim=-1).float()
+    return (nibbles * d + blocks["m"].float()[..., None]).reshape(n, -1)
+
+
+class BlockQuantLinear(nn.Module):
+    """A linear layer whose weight stays in a GGUF block format (q4_1 or q8_0): 0.625 or 1.06 bytes per
+    weight against 2 for fp16, read once per decode step by the fused kernel."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    def __init__(self, linear: nn.Linear, fmt: BlockFormat) -> None:
+        super().__init__()
+        load_block_ops()
+        self.fmt = fmt
+        blocks = quantize_blocks(linear.weight, fmt)
+        self.register_buffer("qs", blocks["qs"])
+        self.register_buffer("d", blocks["d"])
+        self.register_buffer("m", blocks.get("m"))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_nbytes = sum(t.numel() * t.element_size() for t in blocks.values())  # what a step reads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= BLOCK_MAX_ROWS or torch.compiler.is_compiling():
+            if self.m is not None:
+                y = torch.ops.distserve.q4_1_linear(rows, self.qs, self.d, self.m)
+            else:
+                y = torch.ops.distserve.q8_0_linear(rows, self.qs, self.d)
+            if self.bias is not None:
+                y = y + self.bias
+        else:  # prefill: widening the weight once costs less than the GEMM it feeds
+            y = F.linear(rows, self.dequantized(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        blocks = {"qs": self.qs, "d": self.d} | ({"m": self.m} if self.m is not None else {})
+        return dequantize_blocks(blocks, self.fmt)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}"
+
+
 class PackedBf16Linear(nn.Module):
     """A bfloat16 linear layer whose weight is reordered once into oneDNN's blocked layout.
 
@@ -152,13 +252,25 @@ def pack_bf16_linears_(model: nn.Module, keep_plain: bool) -> None:
             pack_bf16_linears_(child, keep_plain)
 
 
-def convert_linears_(model: nn.Module, weights: Literal["fp16", "int8"]) -> None:
-    """Replace every nn.Linear in place (the LM head too, untied; the embedding table stays float)."""
+def convert_linears_(model: nn.Module, weights: Literal["fp16", "int8", "q8_0", "q4_1"]) -> None:
+    """Replace every nn.Linear in place (the LM head too, untied; the embedding table stays float).
+
+    With q4_1 the LM head is q8_0, as GGUF's 4-bit models keep their output layer (the default model's
+    tied embedding table is q8_0 in its file): 4 bits there would move the top token most."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Fp16Linear(child) if weights == "fp16" else Int8Linear(child))
+            fmt = "q8_0" if weights == "q4_1" and name == "lm_head" else weights
+            setattr(model, name, _convert(child, fmt))
         else:
             convert_linears_(child, weights)
+
+
+def _convert(linear: nn.Linear, weights: Literal["fp16", "int8", "q8_0", "q4_1"]) -> nn.Module:
+    if weights == "fp16":
+        return Fp16Linear(linear)
+    if weights == "int8":
+        return Int8Linear(linear)
+    return BlockQuantLinear(linear, weights)
 
 
 def make_traceable_(model: nn.Module) -> None:
