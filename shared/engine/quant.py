@@ -1,17 +1,18 @@
-"""Linear layers with fp16 or int8 weights, for CPU decode, where every step reads every weight.
+"""Linear layers with reduced-precision weights, for CPU decode, where every step reads every weight.
 
 - "fp16" (`Fp16Linear`): weights in half precision, packed once at load time for FBGEMM, torch's
   kernel library for CPU inference, whose small-batch kernels widen them to fp32 in registers
-  (F16C); activations and sums stay fp32. Half the bytes, and much faster than MKL's fp32 GEMM on
-  the few rows of a decode step, which MKL serves poorly on this AVX2 CPU (8 rows cost 2.6x one
-  row). Logits stay within 2e-3 of fp32 relative to their range (tests/engine/test_weights.py).
-  Whole decode steps of SmolLM2-135M on 1 thread of the 2-core machine: fp32 80 / 180 / 248 ms at
-  batch 1 / 8 / 16, fp16 46 / 86 / 162 ms (`distserve bench engine`, docs/performance.md).
+  (F16C); activations and sums stay fp32. Half the bytes of fp32, a GEMM-class kernel from one row
+  to hundreds, logits within 2e-3 of fp32 relative to their range (tests/engine/test_weights.py).
+- "q4_1" / "q8_0" (`BlockQuantLinear`): GGUF's block formats (0.625 / 1.06 bytes a weight), kept as
+  the default model's file stores them, read by our kernel (csrc/quant_linear.cpp) with the activations
+  quantized to int8 per block of 32, as llama.cpp does. Fastest at batch 1 in eager steps; from about
+  8 rows FBGEMM's fp16 is faster on an AVX2 CPU, and prefill (> 64 rows) widens the weight for one GEMM
+  (docs/performance.md). q4_1 keeps the LM head in q8_0.
 - "int8" (`Int8Linear`): weight-only int8, one float scale per output row, activations in floating
   point (torch's `_weight_int8pack_mm`). That kernel costs about as much per row as for one row on
   AVX2 (8 rows cost 8x), so inputs of more rows dequantize the weight and run one float GEMM; kept as
-  the measured option, it does not pay here. FBGEMM's dynamic int8 (activations quantized too) is
-  fast but moved the top-1 token at half of the positions of a test text: not offered.
+  the measured option, it does not pay here.
 
 FBGEMM's packed weight is an opaque TorchScript object, which torch.compile cannot take as an op
 argument. Compiled graphs (shared/engine/compiled.py) call `distserve::fp16_linear` instead, a small

@@ -1,6 +1,6 @@
-"""GGUF block formats (q4_1, q8_0) in the fused kernel: every instruction set's path computes what the
-widened weight computes, a GGUF model's weights survive requantization bit for bit, and the default
-model in q4_1 answers as its fp32 weights do."""
+"""GGUF block formats (q4_1, q8_0) in the fused kernel: every instruction set's path computes the widened
+weight times the activations quantized as the kernel quantizes them, a GGUF model's weights survive
+requantization bit for bit, and the default model in q4_1 keeps its perplexity and its answers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.engine.loader import load_model
 from shared.engine.native import load_op_library
+from shared.engine.perplexity import reference_tokens, score
 from shared.engine.quant import (
+    BLOCK,
     BlockFormat,
     BlockQuantLinear,
     convert_linears_,
@@ -38,6 +40,19 @@ def ops(namespace: str) -> object:
     return getattr(torch.ops, namespace)
 
 
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel sees it: per block of 32, round(x / dx) * dx with dx = max |x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))  # in float32, as the kernel computes it
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
+def test_the_isa_is_named() -> None:
+    assert ops("distserve").quant_linear_isa() in ("vnni", "avx2", "scalar")  # type: ignore[attr-defined]
+    assert ops("distserve_scalar").quant_linear_isa() == "scalar"  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("namespace", list(VARIANTS))
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 def test_every_path_computes_the_widened_weight(namespace: str, fmt: BlockFormat) -> None:
@@ -53,7 +68,8 @@ def test_every_path_computes_the_widened_weight(namespace: str, fmt: BlockFormat
             y = op.q4_1_linear(x, blocks["qs"], blocks["d"], blocks["m"])  # type: ignore[attr-defined]
         else:
             y = op.q8_0_linear(x, blocks["qs"], blocks["d"])  # type: ignore[attr-defined]
-        torch.testing.assert_close(y, x @ widened.T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y, quantized_activations(x) @ widened.T, rtol=1e-5, atol=1e-4)
+        assert (y - x @ widened.T).abs().max() < 0.05 * (x @ widened.T).abs().max()  # and close to the float product
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -74,29 +90,31 @@ def test_the_default_models_gguf_weights_survive_requantization() -> None:
             assert torch.allclose(dequantize_blocks(quantize_blocks(w, fmt), fmt), w, rtol=0, atol=1e-6), name
 
 
-def test_q4_1_engine_answers_as_the_fp32_weights_do() -> None:
-    prompts = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
-    params = SamplingParams(max_tokens=16, temperature=0)
-    answers = {}
+def test_q4_1_engine_keeps_the_models_quality() -> None:
+    """Perplexity on the reference text within 2% of the fp32 weights', the same greedy token at >= 95% of its
+    positions (docs/performance.md states the measured loss), and the engine still answers a plain question."""
+    scores = {}
     for weights in ("native", "q4_1"):
-        engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.1, weights=weights))  # type: ignore[arg-type]
-        if weights == "q4_1":
-            assert isinstance(engine.model.layers[0].mlp.down_proj, BlockQuantLinear)
-            assert engine.model.lm_head.fmt == "q8_0"  # type: ignore[union-attr]
-        for i, text in enumerate(prompts):  # together: decode steps of several rows
-            chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-            engine.add_request(str(i), engine.tokenizer.encode(chat), params)
-        answers[weights] = run_to_completion(engine)
-    assert answers["q4_1"] == answers["native"]
+        engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, weights=weights))
+        scores[weights] = score(engine.model, reference_tokens(engine.tokenizer, 512), torch.float32)
+    layers = [m for m in engine.model.modules() if isinstance(m, BlockQuantLinear)]
+    assert [m.fmt for m in layers] == ["q4_1"] * (len(layers) - 1) + ["q8_0"]  # the LM head last
+    assert scores["native"].perplexity < scores["q4_1"].perplexity < 1.02 * scores["native"].perplexity
+    assert scores["q4_1"].agreement(scores["native"]) >= 0.95
+    chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": "List three prime numbers."}])
+    engine.add_request("0", engine.tokenizer.encode(chat), SamplingParams(max_tokens=16, temperature=0))
+    answer = engine.tokenizer.decode(run_to_completion(engine)["0"])
+    assert "2" in answer and "3" in answer, answer
 
 
 def test_prefill_beyond_the_kernels_rows_widens_the_weight() -> None:
     linear = torch.nn.Linear(64, 48)
     layer = BlockQuantLinear(linear, "q4_1")
     x = torch.randn(100, 64)  # more rows than the fused kernel takes
-    expected = x @ dequantize_blocks({"qs": layer.qs, "d": layer.d, "m": layer.m}, "q4_1").T + linear.bias
-    torch.testing.assert_close(layer(x), expected.detach(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(layer(x[:5]), expected[:5].detach(), rtol=1e-5, atol=1e-4)
+    widened = layer.dequantized()
+    torch.testing.assert_close(layer(x), (x @ widened.T + linear.bias).detach(), rtol=1e-5, atol=1e-4)
+    fused = quantized_activations(x[:5]) @ widened.T + linear.bias  # a decode step's rows: the fused kernel
+    torch.testing.assert_close(layer(x[:5]), fused.detach(), rtol=1e-5, atol=1e-4)
 
 
 def test_converting_a_model_keeps_the_lm_head_at_8_bits() -> None:

@@ -1,38 +1,45 @@
-// distserve::q4_1_linear and distserve::q8_0_linear: y = x W^T with W stored in GGUF's block formats,
-// dequantized in registers as it is read, so that a decode step reads the compressed bytes once.
+// distserve::q4_1_linear and distserve::q8_0_linear: y = x W^T with W stored in GGUF's block formats and
+// read once per call in those bytes, as llama.cpp does.
 //
 // Blocks of 32 weights along a row (the input dimension), as GGUF stores them:
 //   q4_1: 16 bytes of nibbles (byte j: weight j in its low nibble, weight j + 16 in its high one), a
 //         scale d and a minimum m (fp16): w = m + d * q, q in 0..15;
 //   q8_0: 32 signed bytes and a scale d (fp16): w = d * q.
-// Activations and sums stay fp32, so a model whose weights were these blocks (the GGUF file) computes
-// what its dequantized fp32 weights compute, up to rounding in the sums.
+// The activations are quantized the same way per block of 32 (xq = round(x / dx), dx = max |x| / 127,
+// llama.cpp's q8_1), so that a block's dot product is one integer instruction over 32 byte pairs:
+//   sum_k w_k x_k = d dx sum_k q_k xq_k (+ m dx sum_k xq_k for q4_1).
+// That costs a little precision (perplexity and top-1 agreement in docs/performance.md) and buys speed at
+// batch 1, where a float-activation version of this kernel (each weight widened to fp32 in registers)
+// took 1.4-1.5x as long on the AVX2 EPYC; at 8-32 rows the two were level.
 //
-// One task per slice of output features (OpenMP through at::parallel_for). Each weight block is
-// dequantized once into registers and multiplied with up to ROWS input rows at a time: a GEMM-class
-// inner loop for batched decode, a GEMV at batch 1. Built with -march=native for the CPU it runs on
-// (shared/engine/native.py): AVX-512 where the compiler targets it, else AVX2 + F16C + FMA, else scalar.
+// One task per slice of output features (OpenMP through at::parallel_for). A tile of 4 output features
+// and 2 input rows unpacks each weight block once and keeps 8 independent accumulators: a GEMM-class
+// inner loop for batched decode, and at batch 1 four features' blocks in flight at once. Built with
+// -march=native for the CPU it runs on (shared/engine/native.py): AVX-512 VNNI or AVX-VNNI (vpdpbusd)
+// where the compiler targets them, else AVX2 (vpmaddubsw), else scalar.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #ifndef DISTSERVE_NS
 #define DISTSERVE_NS distserve
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DOT_VNNI(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#elif defined(__AVXVNNI__)
+#define DOT_VNNI(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#endif
+
 namespace {
 
-constexpr int64_t QK = 32;    // weights per block
-#if defined(__AVX512F__)
-constexpr int64_t ROWS = 8;   // input rows multiplied by one dequantized block at a time (registers allowing)
-#else
-constexpr int64_t ROWS = 4;
-#endif
+constexpr int64_t QK = 32;  // weights per block
 
 inline float half_to_float(at::Half h) {
 #if defined(__F16C__)
@@ -42,153 +49,194 @@ inline float half_to_float(at::Half h) {
 #endif
 }
 
-// One output feature: out[r * ldo] = sum_k x[r * ldx + k] * w[k] for r < rows, w given by its blocks.
-// `dequant(b, lo, hi)` writes block b's 32 weights as floats (lo: weights 0-15, hi: 16-31).
-// Each row keeps independent accumulators (A of them) so that consecutive FMAs do not wait on each other's
-// latency: with one accumulator a single row ran at a quarter of the FMA units' rate.
-template <int64_t R, typename Dequant>
-inline void dot_rows(const float* x, int64_t ldx, int64_t blocks, float* out, int64_t ldo, Dequant dequant) {
-#if defined(__AVX512F__)
-  constexpr int64_t A = R == 1 ? 4 : 2;  // lo and hi halves; a single row also alternates blocks
-  __m512 acc[R][A];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
-  // Blocks in steps of A / 2, each with its own pair of accumulators (indices known at compile time: a
-  // runtime index would put the accumulators in memory).
-  int64_t b = 0;
-  for (; b + A / 2 <= blocks; b += A / 2) {
-    for (int64_t j = 0; j < A / 2; ++j) {
-      __m512 lo, hi;
-      dequant(b + j, lo, hi);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* xr = x + r * ldx + (b + j) * QK;
-        acc[r][2 * j] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r][2 * j]);
-        acc[r][2 * j + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[r][2 * j + 1]);
+// The activations, quantized per block: xq [M, K] int8, dx [M, K / 32] scales, sx [M, K / 32] = dx * sum xq.
+struct QuantizedRows {
+  at::Tensor xq, dx, sx;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / QK;
+  QuantizedRows q{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, blocks}, x.options()),
+                  at::empty({M, blocks}, x.options())};
+  const float* xp = x.data_ptr<float>();
+  int8_t* xq = q.xq.data_ptr<int8_t>();
+  float* dx = q.dx.data_ptr<float>();
+  float* sx = q.sx.data_ptr<float>();
+  at::parallel_for(0, M * blocks, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* v = xp + i * QK;
+      float amax = 0.f;
+      for (int64_t k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(v[k]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < QK; ++k) {
+        const int32_t qk = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+        xq[i * QK + k] = static_cast<int8_t>(qk);
+        sum += qk;
       }
+      dx[i] = d;
+      sx[i] = d * static_cast<float>(sum);
     }
-  }
-  for (; b < blocks; ++b) {  // an odd last block
-    __m512 lo, hi;
-    dequant(b, lo, hi);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * ldx + b * QK;
-      acc[r][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + 16), acc[r][1]);
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    __m512 sum = acc[r][0];
-    for (int64_t a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[r][a]);
-    out[r * ldo] = _mm512_reduce_add_ps(sum);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 acc[R][4];  // one per quarter of a block
-  for (int64_t r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256 w[4];  // weights 0-7, 8-15, 16-23, 24-31
-    dequant(b, w);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* xr = x + r * ldx + b * QK;
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i]);
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    out[r * ldo] = _mm_cvtss_f32(s);
-  }
+  });
+  return q;
+}
+
+#if defined(__AVX2__)
+// Eight int32 partial sums of 32 unsigned x signed byte products.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(DOT_VNNI)
+  return DOT_VNNI(_mm256_setzero_si256(), u, s);
 #else
-  float acc[R] = {};
-  float w[QK];
-  for (int64_t b = 0; b < blocks; ++b) {
-    dequant(b, w);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t k = 0; k < QK; ++k) acc[r] += w[k] * x[r * ldx + b * QK + k];
-  }
-  for (int64_t r = 0; r < R; ++r) out[r * ldo] = acc[r];
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // pairs fit int16: 2*127*127
 #endif
 }
 
-// The dequantizers of one output feature's blocks, in each instruction set's register shape.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+// The weight blocks of one output feature. `unpack(b)` puts block b's 32 weights in a register as bytes,
+// `dot(w, xq)` is their 8 int32 partial sums of products with a block of quantized activations, `scale(b)`
+// and `min(b)` are the block's d and m (m = 0 for q8_0).
 struct Q4_1 {
   const uint8_t* qs;  // [blocks, 16]
   const at::Half* d;  // [blocks]
   const at::Half* m;
-#if defined(__AVX512F__)
-  inline void operator()(int64_t b, __m512& lo, __m512& hi) const {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * b)));
-    const __m512 scale = _mm512_set1_ps(half_to_float(d[b])), min = _mm512_set1_ps(half_to_float(m[b]));
-    lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), scale, min);
-    hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), scale, min);
+  static constexpr bool has_min = true;
+#if defined(__AVX2__)
+  // The 32 nibbles as bytes in weight order (the low nibbles are weights 0-15, the high ones 16-31).
+  inline __m256i unpack(int64_t b) const {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16 * b));
+    const __m128i low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
   }
-#elif defined(__AVX2__) && defined(__FMA__)
-  inline void operator()(int64_t b, __m256 (&w)[4]) const {
-    const __m256 scale = _mm256_set1_ps(half_to_float(d[b])), min = _mm256_set1_ps(half_to_float(m[b]));
-    const __m256i nibble = _mm256_set1_epi32(15);
-    for (int half = 0; half < 2; ++half) {  // bytes 0-7 hold weights 0-7 and 16-23; bytes 8-15: 8-15, 24-31
-      const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 16 * b + 8 * half)));
-      w[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, nibble)), scale, min);
-      w[half + 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), scale, min);
-    }
-  }
-#else
-  inline void operator()(int64_t b, float (&w)[QK]) const {
-    const float scale = half_to_float(d[b]), min = half_to_float(m[b]);
-    for (int64_t j = 0; j < 16; ++j) {
-      w[j] = min + scale * float(qs[16 * b + j] & 15);
-      w[j + 16] = min + scale * float(qs[16 * b + j] >> 4);
-    }
-  }
+  static inline __m256i dot(__m256i w, __m256i x) { return dot_u8s8(w, x); }
 #endif
+  inline int32_t dot_scalar(int64_t b, const int8_t* xq) const {
+    int32_t s = 0;
+    for (int64_t j = 0; j < 16; ++j) s += (qs[16 * b + j] & 15) * xq[j] + (qs[16 * b + j] >> 4) * xq[j + 16];
+    return s;
+  }
+  inline float scale(int64_t b) const { return half_to_float(d[b]); }
+  inline float min(int64_t b) const { return half_to_float(m[b]); }
 };
 
 struct Q8_0 {
   const int8_t* qs;  // [blocks, 32]
   const at::Half* d;
-#if defined(__AVX512F__)
-  inline void operator()(int64_t b, __m512& lo, __m512& hi) const {
-    const __m512 scale = _mm512_set1_ps(half_to_float(d[b]));
-    const __m128i* q = reinterpret_cast<const __m128i*>(qs + QK * b);
-    lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), scale);
-    hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), scale);
-  }
-#elif defined(__AVX2__) && defined(__FMA__)
-  inline void operator()(int64_t b, __m256 (&w)[4]) const {
-    const __m256 scale = _mm256_set1_ps(half_to_float(d[b]));
-    for (int i = 0; i < 4; ++i) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + QK * b + 8 * i));
-      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
-    }
-  }
-#else
-  inline void operator()(int64_t b, float (&w)[QK]) const {
-    const float scale = half_to_float(d[b]);
-    for (int64_t k = 0; k < QK; ++k) w[k] = scale * float(qs[QK * b + k]);
-  }
+  static constexpr bool has_min = false;
+#if defined(__AVX2__)
+  inline __m256i unpack(int64_t b) const { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + QK * b)); }
+  // signed x signed as unsigned x signed: |w| * (x with w's sign)
+  static inline __m256i dot(__m256i w, __m256i x) { return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
 #endif
+  inline int32_t dot_scalar(int64_t b, const int8_t* xq) const {
+    int32_t s = 0;
+    for (int64_t k = 0; k < QK; ++k) s += qs[QK * b + k] * xq[k];
+    return s;
+  }
+  inline float scale(int64_t b) const { return half_to_float(d[b]); }
+  inline float min(int64_t) const { return 0.f; }
 };
 
-// y [M, N] = x [M, K] W^T, W as `make(n)`'s dequantizer for output feature n.
+// The quantized activations as raw pointers (row r's block b at xq + r * K + b * 32, its scale and sum at
+// dx / sx + r * blocks + b).
+struct Rows {
+  const int8_t* xq;
+  const float* dx;
+  const float* sx;
+  int64_t K, blocks;
+};
+
+// out[r * ldo + f] for the R rows from `row` and the F output features of `w`: every weight block is unpacked
+// once per tile and multiplied with R activation blocks; the F x R accumulators are independent, so the FMAs
+// do not wait on one another's latency.
+template <int F, int R, typename W>
+inline void tile(const Rows& x, int64_t row, const W (&w)[F], float* out, int64_t ldo) {
+  float mins[F][R] = {};
+#if defined(__AVX2__)
+  __m256 acc[F][R];
+  for (int f = 0; f < F; ++f)
+    for (int r = 0; r < R; ++r) acc[f][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    __m256i wb[F];
+    float dw[F];
+    for (int f = 0; f < F; ++f) {
+      wb[f] = w[f].unpack(b);
+      dw[f] = w[f].scale(b);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq + (row + r) * x.K + b * QK));
+      const float dx = x.dx[(row + r) * x.blocks + b];
+      for (int f = 0; f < F; ++f)
+        acc[f][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(W::dot(wb[f], xv)), _mm256_set1_ps(dw[f] * dx), acc[f][r]);
+    }
+    if constexpr (W::has_min) {
+      for (int f = 0; f < F; ++f) {
+        const float m = w[f].min(b);
+        for (int r = 0; r < R; ++r) mins[f][r] += m * x.sx[(row + r) * x.blocks + b];
+      }
+    }
+  }
+  for (int f = 0; f < F; ++f)
+    for (int r = 0; r < R; ++r) out[r * ldo + f] = hsum(acc[f][r]) + mins[f][r];
+#else
+  float acc[F][R] = {};
+  for (int64_t b = 0; b < x.blocks; ++b) {
+    for (int f = 0; f < F; ++f) {
+      const float d = w[f].scale(b), m = w[f].min(b);
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (row + r) * x.blocks + b;
+        acc[f][r] += d * x.dx[i] * static_cast<float>(w[f].dot_scalar(b, x.xq + (row + r) * x.K + b * QK));
+        mins[f][r] += m * x.sx[i];
+      }
+    }
+  }
+  for (int f = 0; f < F; ++f)
+    for (int r = 0; r < R; ++r) out[r * ldo + f] = acc[f][r] + mins[f][r];
+#endif
+}
+
+constexpr int FEATURES = 4;  // output features per tile
+constexpr int ROWS = 2;      // input rows per tile (4 x 2 accumulators, 4 weight blocks: 13 of 16 registers)
+
+template <int F, typename W>
+inline void tile_rows(const Rows& x, int64_t M, const W (&w)[F], float* out, int64_t ldo) {
+  int64_t r = 0;
+  for (; r + ROWS <= M; r += ROWS) tile<F, ROWS>(x, r, w, out + r * ldo, ldo);
+  for (; r < M; ++r) tile<F, 1>(x, r, w, out + r * ldo, ldo);
+}
+
+// y [M, N] = x [M, K] W^T, W as `make(n)`'s blocks for output feature n.
 template <typename Make>
 at::Tensor run(const at::Tensor& x_in, int64_t n_out, Make make) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be a 2-D float32 tensor");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), blocks = K / QK;
   TORCH_CHECK(K % QK == 0, "the input dimension must be a multiple of ", QK);
+  const QuantizedRows q = quantize_rows(x);
+  const Rows rows{q.xq.data_ptr<int8_t>(), q.dx.data_ptr<float>(), q.sx.data_ptr<float>(), K, blocks};
   at::Tensor y = at::empty({M, n_out}, x.options());
-  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Enough output features per task to amortize it, few enough to spread them over the threads.
+  using W = decltype(make(0));
+  const int64_t tiles = (n_out + FEATURES - 1) / FEATURES;
+  // Enough tiles per task to amortize it, few enough to spread them over the threads.
   const int64_t grain = std::max<int64_t>(1, 16 / std::max<int64_t>(1, M));
-  at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const auto dequant = make(n);
-      int64_t r = 0;
-      for (; r + ROWS <= M; r += ROWS) dot_rows<ROWS>(xp + r * K, K, blocks, yp + r * n_out + n, n_out, dequant);
-      for (; r < M; ++r) dot_rows<1>(xp + r * K, K, blocks, yp + r * n_out + n, n_out, dequant);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t * FEATURES;
+      if (n + FEATURES <= n_out) {
+        const W w[FEATURES] = {make(n), make(n + 1), make(n + 2), make(n + 3)};
+        tile_rows<FEATURES>(rows, M, w, yp + n, n_out);
+      } else {
+        for (int64_t f = n; f < n_out; ++f) {
+          const W w[1] = {make(f)};
+          tile_rows<1>(rows, M, w, yp + f, n_out);
+        }
+      }
     }
   });
   return y;
@@ -223,9 +271,9 @@ at::Tensor q8_0_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tens
 }
 
 std::string isa() {
-#if defined(__AVX512F__)
-  return "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
+#if defined(DOT_VNNI)
+  return "vnni";
+#elif defined(__AVX2__)
   return "avx2";
 #else
   return "scalar";
