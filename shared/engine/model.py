@@ -15,7 +15,7 @@ from torch import nn
 
 from shared.engine.config import ModelConfig
 from shared.engine.kv_cache import KVCache
-from shared.engine.native import load_paged_attention
+from shared.engine.native import load_layer_ops, load_paged_attention
 
 
 @dataclass
@@ -43,13 +43,22 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_sequences] rows of the flat batch whose logits are needed
 
 
+def native_layer_ops(enabled: bool, x: torch.Tensor) -> bool:
+    """Whether an op runs in csrc/layer_ops.cpp: in eager float32 steps of a model that loaded them
+    (Transformer.use_native_layer_ops). A compiled graph keeps torch's ops, which inductor fuses itself."""
+    return enabled and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.native = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native_layer_ops(self.native, x) and x.dim() == 2 and self.weight.dtype == torch.float32:
+            return torch.ops.distserve.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -71,8 +80,11 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions, None, :].to(dtype), self.sin[positions, None, :].to(dtype)  # [T, 1, D]
 
 
-def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool = False) -> None:
     """RoPE in place on x [T, heads, D]; sin comes signed from RotaryEmbedding.tables."""
+    if native_layer_ops(native, x):
+        torch.ops.distserve.rope_(x, cos, sin)
+        return
     half = x.shape[-1] // 2
     swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
     x.mul_(cos).addcmul_(swapped, sin)
@@ -89,6 +101,7 @@ class StepTensors:
     decode_context_lens: torch.Tensor  # [B]
     decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context (gather)
     paged: bool  # decode attention by distserve::paged_decode_attention, straight from the cache
+    native: bool  # RoPE by csrc/layer_ops.cpp
     prefill_spans: list[PrefillSpan]
 
 
@@ -105,7 +118,7 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
         apply_rope_(qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim),
-                    step.cos, step.sin)  # q and k together
+                    step.cos, step.sin, step.native)  # q and k together
         cache.write(self.layer_id, step.write_index, qkv[:, c.q_size:].view(T, 2, c.num_kv_heads, c.head_dim))
         q = qkv[:, : c.q_size].view(T, c.num_heads, c.head_dim)
 
@@ -194,6 +207,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.paged_attention = False  # set by use_paged_attention()
+        self.native_layer_ops = False  # set by use_native_layer_ops()
+
+    def use_native_layer_ops(self) -> None:
+        """RMSNorm and RoPE of eager float32 steps by csrc/layer_ops.cpp (native.py builds it)."""
+        load_layer_ops()
+        self.native_layer_ops = True
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.native = True
 
     def use_paged_attention(self) -> None:
         """Decode attention by the C++ kernel that reads the paged cache in place (native.py builds it)."""
@@ -240,4 +262,4 @@ class Transformer(nn.Module):
             keys = torch.arange(block_tables.shape[1] * cache.block_size)  # [S]
             mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
         return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
-                           self.paged_attention, spans)
+                           self.paged_attention, self.native_layer_ops, spans)

@@ -71,3 +71,9 @@ def load_paged_attention() -> None:
         return q.new_empty(q.shape)
 
     torch.library.register_fake("distserve::paged_decode_attention", fake)
+
+
+@functools.cache
+def load_layer_ops() -> None:
+    """Load distserve::rms_norm and distserve::rope_ (csrc/layer_ops.cpp)."""
+    load_op_library("layer_ops")
