@@ -30,6 +30,7 @@ Role = Literal["prefill", "decode", "colocated"]
 DType = Literal["float32", "bfloat16"]
 # linear weights: in the engine's dtype; fp16 or int8 (torch's kernels); q8_0 or q4_1 (GGUF's blocks, our kernel)
 Weights = Literal["native", "fp16", "int8", "q8_0", "q4_1"]
+Auto = Literal["auto"]  # chosen per CPU and role where the engine starts (shared/engine/precision.py)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
 
 _URL_SCHEMES = {"nats_url": (("nats", "tls", "ws", "wss"), "nats://host:port"),
@@ -60,11 +61,11 @@ class EngineSettings(_Section):
                                     "`up` gives each its share)")
     chunked_prefill: bool = Field(default=False, description="colocated only: Sarathi-style prefill chunks "
                                   "mixed with decodes")
-    dtype: DType = Field(default="float32", description="weights, activations and KV")
-    # fp16: FBGEMM's kernels, about 1.5-2.5x faster decode on CPU than fp32, logits within ~1e-3 of it
-    # (shared/engine/quant.py).
-    weights: Weights = Field(default="fp16", description="linear weights: native (in dtype), fp16, int8, q8_0 or q4_1 "
-                             "(all but native with float32 activations; q4_1 keeps the LM head q8_0)")
+    dtype: DType | Auto = Field(default="auto", description="weights, activations and KV: auto (per CPU and role), "
+                                "float32 or bfloat16")
+    weights: Weights | Auto = Field(default="auto", description="linear weights: auto (per CPU and role), native (in "
+                                    "dtype), fp16, int8, q8_0 or q4_1 (all but native with float32 activations; q4_1 "
+                                    "keeps the LM head q8_0)")
     # Decode-only steps as one torch.compile graph: about 1.5x faster decode at batch 1 with fp16 weights,
     # paid for with 12-15 s (warm inductor cache) to 1.5 min (cold) of compiling at engine start.
     compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
@@ -76,14 +77,14 @@ class EngineSettings(_Section):
     @field_validator("weights", "dtype", mode="before")
     @classmethod
     def _one_of(cls, value: Any, info: ValidationInfo) -> Any:
-        allowed = get_args(Weights if info.field_name == "weights" else DType)
+        allowed = ("auto", *get_args(Weights if info.field_name == "weights" else DType))
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
         return value
 
     @model_validator(mode="after")
     def _weights_need_float32(self) -> Self:
-        if self.weights != "native" and self.dtype != "float32":
+        if self.weights not in ("native", "auto") and self.dtype == "bfloat16":
             raise ValueError(f"weights={self.weights} runs with float32 activations: set weights=native for "
                              f"dtype={self.dtype}")
         return self
@@ -235,12 +236,13 @@ def _field(path: str) -> FieldInfo:
 
 
 def _flag_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
-    """(argparse type, choices) of a field's annotation: int | None -> int, Literal["a", "b"] -> str, choices."""
+    """(argparse type, choices) of a field's annotation: int | None -> int, Literal["a", "b"] -> str, choices
+    (of all the literals of a union of them)."""
     kinds = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
         else [annotation]
+    if all(get_origin(kind) is Literal for kind in kinds):
+        return str, tuple(choice for kind in kinds for choice in get_args(kind))
     (kind,) = kinds
-    if get_origin(kind) is Literal:
-        return str, get_args(kind)
     return kind, None
 
 

@@ -49,7 +49,7 @@ from services.bench.serve import (
 )
 from services.launcher import Stack
 from shared.argtypes import names_from
-from shared.config import DType, EngineSettings, Settings, Weights, load_settings
+from shared.config import Auto, DType, EngineSettings, Settings, Weights, load_settings
 from shared.cpus import available_cpus, pin_process
 from shared.servers import free_port
 from shared.state import Phase, read_request, read_steps, recent_requests
@@ -83,10 +83,10 @@ class EngineKnobs(BaseModel):
     model: str = "default"
     kv_cache_gib: float = EngineSettings.model_fields["kv_cache_memory_gib"].default
     max_num_seqs: int = EngineSettings.model_fields["max_num_seqs"].default
-    weights: Weights = EngineSettings.model_fields["weights"].default  # of float32 workers; bfloat16 keeps its own
+    weights: Weights | Auto = "auto"  # of float32 workers; bfloat16 keeps its own; auto: per CPU and role
     compile: bool = False  # decode-only steps as compiled graphs in every worker
-    dtype: DType = "float32"  # every worker's
-    prefill_dtype: DType | None = None  # disaggregated prefill workers' (None: dtype), e.g. bfloat16 on AMX CPUs
+    dtype: DType | Auto = "auto"  # every worker's; auto: per CPU and role (shared/engine/precision.py)
+    prefill_dtype: DType | Auto | None = None  # disaggregated prefill workers' (None: dtype), e.g. bfloat16 on AMX CPUs
     chunk_tokens: int = 256  # chunked prefill's per-step token budget (decodes + prompt chunks)
     prefill_nice: int = 0  # disaggregated prefill workers yield the cores to decode by this much (RoleSettings.nice)
     decode_interval: float = 0.0  # disaggregated decode workers pace their steps (RoleSettings.step_interval_s)
@@ -120,7 +120,7 @@ def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
 
     def engine_in(dtype: str) -> dict[str, Any]:
         return {"kv_cache_memory_gib": knobs.kv_cache_gib, "max_num_seqs": knobs.max_num_seqs, "compile": knobs.compile,
-                "dtype": dtype, "weights": knobs.weights if dtype == "float32" else "native"}
+                "dtype": dtype, "weights": knobs.weights if dtype != "bfloat16" else "native"}
 
     engine = engine_in(knobs.dtype)
     if name in DISAGGREGATED:
@@ -351,10 +351,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knob("--kv-cache-gib", "kv_cache_gib", float, "KV pool per worker (default 1.0)")
     knob("--max-num-seqs", "max_num_seqs", int, "decode batch cap per worker (default 64)")
     knob("--model", "model", str, "served model (default: SmolLM2-135M)")
-    knob("--weights", "weights", str, f"linear weights of every float32 worker: {', '.join(get_args(Weights))} "
-         f"(default {EngineKnobs().weights})")
+    knob("--weights", "weights", str, f"linear weights of every float32 worker: auto (per CPU and role, the "
+         f"default), {', '.join(get_args(Weights))}")
     knob("--compile", "compile", None, "every worker runs decode-only steps as compiled graphs (compiles at start)")
-    knob("--dtype", "dtype", str, "every worker's dtype: float32 (default) or bfloat16 (keeps bfloat16 weights)")
+    knob("--dtype", "dtype", str, "every worker's dtype: auto (per CPU and role, the default), float32 or bfloat16 "
+         "(keeps bfloat16 weights)")
     knob("--prefill-dtype", "prefill_dtype", str,
          "disaggregated prefill workers' dtype (default: --dtype); their KV is converted on import")
     knob("--prefill-nice", "prefill_nice", int, "disaggregated deployments' prefill workers run N nice levels below "

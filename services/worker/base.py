@@ -24,7 +24,6 @@ from typing import Any, ClassVar, TypeVar
 
 import nats
 import redis.asyncio as aioredis
-import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
@@ -161,12 +160,9 @@ class Worker(ABC):
         if self.redis is not None:
             self.spawn(self._step_records_loop(self.redis))
         await self.report()
-        log.info("%s ready: model %s, %d KV blocks, max_model_len %d", self.instance_id, self.engine.model_name,
+        log.info("%s ready: model %s, dtype %s, weights %s, %d KV blocks, max_model_len %d", self.instance_id,
+                 self.engine.model_name, self.engine.config.dtype, self.engine.config.weights,
                  self.runner.stats.total_blocks, self.engine.max_model_len)
-        if self.engine_settings.dtype == "float32" and torch.cpu._is_amx_tile_supported():
-            log.info("%s: this CPU has AMX, on which bfloat16 prefill runs about 3x faster than float32: "
-                     "DISTSERVE_%s__DTYPE=bfloat16 DISTSERVE_%s__WEIGHTS=native (README, Configuration)",
-                     self.instance_id, self.role.upper(), self.role.upper())
         try:
             await self._stop.wait()
         finally:

@@ -20,8 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a .gguf file, "
                    "a Hugging Face directory or 'random:<preset or JSON>' (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
-    p.add_argument("--weights", choices=get_args(Weights), default="native",
-                   help="linear weights: native fp32, or packed fp16 / int8 (faster on CPU; default %(default)s)")
+    p.add_argument("--weights", choices=("auto", *get_args(Weights)), default="auto",
+                   help="linear weights: auto (chosen for this CPU), native fp32, fp16, int8, or GGUF's q8_0 / q4_1 "
+                   "blocks (default %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile decode steps at start (faster decode; 15 s to 2 min of compiling first)")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from pydantic import model_validator
 
-from shared.config import EngineSettings, Role, Weights
+from shared.config import DType, EngineSettings, Role, Weights
+from shared.engine.precision import choose
 
 __all__ = ["EngineConfig", "ModelConfig", "Role", "Weights"]
 
@@ -56,6 +57,24 @@ class EngineConfig(EngineSettings):
     model: str = "default"  # "default" | path to .gguf | Hugging Face dir | "random:<json ModelConfig fields>"
     role: Role = "colocated"
     seed: int = 0  # random-model initialisation
+    # Always concrete here: "auto" (the default) resolves for this CPU and role on construction.
+    dtype: DType = "float32"
+    weights: Weights = "fp16"
+    precision_chosen: bool = False  # whether dtype or weights came from shared/engine/precision.py's table
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        dtype, weights = data.get("dtype", "auto"), data.get("weights", "auto")
+        if "auto" not in (dtype, weights):
+            return data
+        for name, value in (("dtype", dtype), ("weights", weights)):  # a bad value gets the field's message
+            if value != "auto":
+                EngineSettings.model_validate({name: value})
+        chosen = choose(dtype, weights, data.get("role", "colocated"))
+        return {**data, "dtype": chosen.dtype, "weights": chosen.weights, "precision_chosen": True}
 
     @model_validator(mode="after")
     def _chunked_prefill_is_colocated(self) -> Self:

@@ -17,6 +17,7 @@ from shared.engine.config import EngineConfig, ModelConfig
 from shared.engine.kv_cache import KVCache
 from shared.engine.loader import load_model
 from shared.engine.model import ForwardBatch, PrefillSpan, Transformer
+from shared.engine.precision import cpu_kind
 from shared.engine.quant import can_pack_bf16, convert_linears_, pack_bf16_linears_
 from shared.engine.sampler import sample
 from shared.engine.scheduler import ScheduledBatch
@@ -33,6 +34,8 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = DTYPES[config.dtype]
+        log.info("%s engine: dtype=%s, weights=%s (%s)", config.role, config.dtype, config.weights,
+                 f"chosen for this {cpu_kind()} CPU" if config.precision_chosen else "as configured")
         self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed)
         if config.weights != "native":
             convert_linears_(self.model, config.weights)
@@ -50,6 +53,10 @@ class ModelRunner:
                 self.model.use_paged_attention()
             except (RuntimeError, OSError) as e:  # no C++ compiler here: the generic path still works
                 log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
+        try:
+            self.model.use_native_layer_ops()
+        except (RuntimeError, OSError) as e:
+            log.warning("C++ RMSNorm and RoPE unavailable, using torch's: %s", e)
         self.compiled: CompiledDecode | None = None
         if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
             self.compiled = CompiledDecode(self.model, self.cache)

@@ -16,10 +16,12 @@ from shared.config import load_settings
 from shared.servers import NatsServer, RedisServer, free_port
 
 KV_GIB = 0.1  # 1456 blocks at 1 GiB: ~145 here, plenty for the tests and quick to allocate
+# Not auto (chosen per CPU and role): the tests' expected outputs then hold on every CPU CI runs on.
+PRECISION = {"dtype": "float32", "weights": "fp16"}
 
 
 def start_stack(nats: NatsServer, redis: RedisServer, **overrides: Any) -> Stack:
-    engine = {"kv_cache_memory_gib": KV_GIB}
+    engine = {"kv_cache_memory_gib": KV_GIB, **PRECISION}
     settings = load_settings({
         "nats_url": nats.url, "redis_url": redis.url,
         "gateway": {"port": free_port(), **overrides.pop("gateway", {})},

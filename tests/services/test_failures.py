@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from shared.config import EngineSettings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.servers import NatsServer, RedisServer
 from tests.services.conftest import start_stack
@@ -22,7 +21,7 @@ FAILING_PULLS = {"pull_timeout_s": 1e-6}
 
 
 def test_failed_pull_recomputes_to_the_same_answer(redis_server: RedisServer) -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, weights=EngineSettings().weights))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, weights="fp16"))
     engine.add_request("r", engine.tokenizer.encode(PROMPT), SamplingParams(max_tokens=12, temperature=0))
     expected = ""
     while engine.has_unfinished():

@@ -14,12 +14,12 @@ import openai
 import pytest
 
 from services.launcher import Stack
-from shared.config import EngineSettings, load_settings
+from shared.config import load_settings
 from shared.cpus import available_cpus
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.servers import NatsServer, RedisServer, free_port, process_alive
 from tests.engine.conftest import make_engine, move_kv
-from tests.services.conftest import KV_GIB, start_stack
+from tests.services.conftest import KV_GIB, PRECISION, start_stack
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The three primary colors are"
@@ -82,7 +82,7 @@ def test_streaming_chat_and_completion(stack: Stack) -> None:
 
 
 def test_greedy_output_matches_the_engine_in_process(stack: Stack) -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated", weights=EngineSettings().weights))
+    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated", weights="fp16"))
     prompts = [PROMPT, "def fibonacci(n):", "Write a haiku about the sea."]
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), engine.tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0,
@@ -231,7 +231,7 @@ def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServe
             # The same two engines in process, the KV copied across: the same text. (Not a fixed text: which
             # token bf16's greedy prefill picks depends on the CPU's bf16 kernels, AMX or not.)
             prefill = make_engine(role="prefill", dtype="bfloat16", weights="native")
-            decode = make_engine(role="decode", weights=EngineSettings().weights)
+            decode = make_engine(role="decode", weights="fp16")
             ids = prefill.tokenizer.encode(prefill.tokenizer.apply_chat_template(messages))
             prefill.add_request("r", ids, SamplingParams(max_tokens=20, temperature=0))
             expected = "".join(out.text for out in prefill.step())
@@ -247,7 +247,7 @@ def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServe
 def test_pinned_stack_keeps_every_process_on_its_cpus() -> None:
     """`up --pin-workers --service-cpus`: each worker alone on its CPU, the gateway and servers elsewhere."""
     first, last = available_cpus()[0], available_cpus()[-1]
-    engine = {"kv_cache_memory_gib": KV_GIB, "num_threads": 1}
+    engine = {"kv_cache_memory_gib": KV_GIB, "num_threads": 1, **PRECISION}
     stack = Stack(load_settings({"gateway": {"port": free_port()}, "prefill": engine, "decode": engine,
                                  "pin_workers": True, "service_cpus": [last]}), "WARNING", announce=False)
     try:

@@ -41,7 +41,7 @@ def test_invalid_values_name_the_field() -> None:
     with pytest.raises(ValidationError, match="unknown"):
         load_settings({"unknown": 1})
     with pytest.raises(ValidationError, match="weights=native"):
-        load_settings({"decode": {"dtype": "bfloat16"}})  # the default fp16 weights need float32
+        load_settings({"decode": {"dtype": "bfloat16", "weights": "fp16"}})  # fp16 weights run float32
     with pytest.raises(ValidationError, match="weights"):
         load_settings({"decode": {"weights": "fp8"}})
     assert load_settings({"decode": {"dtype": "bfloat16", "weights": "native"}}).decode.weights == "native"
