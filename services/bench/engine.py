@@ -5,6 +5,8 @@ copy (read + write bytes) and fp32 GEMM FLOP/s from a large matmul. Decode is me
 is the weight and KV bytes read per step over the bandwidth); prefill is compute-bound (its ceiling
 is the GEMM rate). Every number is the median of timed runs after warm-up runs, through
 `LLMEngine.step()`, so scheduling, sampling and detokenization are included as a server sees them.
+Each variant's quality is its perplexity on a fixed text and how often its greedy token is fp32's
+(shared/engine/perplexity.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -26,14 +29,17 @@ from rich.table import Table
 from shared.argtypes import names_from, positive_int, positive_ints
 from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine
+from shared.engine.perplexity import Score, reference_tokens, score
+from shared.engine.precision import cpu_kind
 from shared.engine.quant import Fp16Linear, PackedBf16Linear
 from shared.engine.sequence import SamplingParams
 
-# float32 weights; fp16 (FBGEMM) or weight-only int8 linear layers (shared/engine/quant.py); bfloat16
-# weights and KV, with the weights packed for oneDNN where the CPU allows (bf16) or not (bf16-plain)
-VARIANTS = ("fp32", "fp16", "int8", "bf16", "bf16-plain")
-WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8", "bf16": "native",
-                               "bf16-plain": "native"}
+# float32 weights; fp16 (FBGEMM) or weight-only int8 linear layers, GGUF's q8_0 and q4_1 blocks in our
+# kernel (shared/engine/quant.py); bfloat16 weights and KV, with the weights packed for oneDNN where the
+# CPU allows (bf16) or not (bf16-plain)
+VARIANTS = ("fp32", "fp16", "int8", "q8_0", "q4_1", "bf16", "bf16-plain")
+WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8", "q8_0": "q8_0", "q4_1": "q4_1",
+                               "bf16": "native", "bf16-plain": "native"}
 
 
 @dataclass(frozen=True)
@@ -154,18 +160,38 @@ def bench_decode(engine: LLMEngine, variant: str, batch: int, context: int, warm
     return DecodeResult(variant, batch, mid_context, seconds, weight_bytes + kv_bytes)
 
 
-def bench_variant(args: argparse.Namespace, variant: str, console: Console
-                  ) -> tuple[list[PrefillResult], list[DecodeResult], int]:
+@dataclass(frozen=True)
+class VariantResult:
+    prefills: list[PrefillResult]
+    decodes: list[DecodeResult]
+    weight_bytes: int
+    quality: Score | None  # on the reference text (shared/engine/perplexity.py)
+
+
+def engine_for(args: argparse.Namespace, variant: str, max_batch: int) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=WEIGHTS[variant],
+                                  dtype="bfloat16" if variant.startswith("bf16") else "float32",
+                                  pack_bf16=variant != "bf16-plain",
+                                  max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
+                                  kv_cache_memory_gib=args.kv_gib, compile=args.compile,
+                                  paged_attention=not args.gather_attention))
+
+
+def quality(engine: LLMEngine, tokens: int, console: Console) -> Score | None:
+    text = reference_tokens(engine.tokenizer, tokens)
+    if max(text) >= engine.model_config.vocab_size:  # a random model smaller than its tokenizer
+        console.log(f"quality skipped: the model's vocabulary ({engine.model_config.vocab_size}) is smaller "
+                    "than its tokenizer's")
+        return None
+    return score(engine.model, text, engine.runner.dtype)
+
+
+def bench_variant(args: argparse.Namespace, variant: str, console: Console) -> VariantResult:
     max_batch = max(args.decode_batches)
     tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
     if args.compile:
         console.log(f"{variant}: compiling decode steps")
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=WEIGHTS[variant],
-                                    dtype="bfloat16" if variant.startswith("bf16") else "float32",
-                                    pack_bf16=variant != "bf16-plain",
-                                    max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
-                                    kv_cache_memory_gib=args.kv_gib, compile=args.compile,
-                                    paged_attention=not args.gather_attention))
+    engine = engine_for(args, variant, max_batch)
     capacity = engine.blocks.num_blocks * engine.config.block_size
     if capacity < tokens_needed + max_batch * engine.config.block_size:
         raise ValueError(f"--kv-gib {args.kv_gib} holds {capacity} tokens; this grid needs about {tokens_needed}")
@@ -178,12 +204,25 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console
     for b in args.decode_batches:
         console.log(f"{variant}: decode batch {b}")
         decodes.append(bench_decode(engine, variant, b, args.context, args.warmup, args.decode_steps, weight_bytes))
-    return prefills, decodes, weight_bytes
+    scored = None
+    if args.quality_tokens:
+        console.log(f"{variant}: perplexity on {args.quality_tokens} tokens of the reference text")
+        scored = quality(engine, args.quality_tokens, console)
+    return VariantResult(prefills, decodes, weight_bytes, scored)
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")),
+                platform.machine())
 
 
 def machine_table(m: Machine, load_start: float) -> Table:
     load = f"{load_start:.2f} -> {os.getloadavg()[0]:.2f}"
-    table = Table(title=f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    table = Table(title=f"Machine: {cpu_model()} ({cpu_kind()}), {os.cpu_count()} cores, torch {torch.__version__}")
     for name in ("threads", "load (1 min) start -> end", "copy bandwidth (R+W)", "fp32 GEMM"):
         table.add_column(name, justify="right")
     table.add_row(str(m.threads), load, f"{m.bandwidth_bytes_s / 1e9:.3g} GB/s", f"{m.gemm_flop_s / 1e9:.3g} GFLOP/s")
@@ -216,6 +255,15 @@ def decode_table(results: list[DecodeResult], m: Machine, weight_bytes: dict[str
     return table
 
 
+def quality_table(scores: dict[str, Score], reference: Score, tokens: int) -> Table:
+    table = Table(title=f"Quality: {tokens} tokens of the reference text (HumanEval), scored as decode rows")
+    for name in ("variant", "perplexity", "vs fp32", "same top-1 token as fp32"):
+        table.add_column(name, justify="right")
+    for variant, s in scores.items():
+        table.add_row(variant, f"{s.perplexity:.4f}", f"{100 * (s.perplexity / reference.perplexity - 1):+.2f}%",
+                      f"{100 * s.agreement(reference):.1f}%")
+    return table
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("engine", help="engine prefill and decode speed against this machine's limits",
@@ -238,14 +286,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
     p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")
     p.add_argument("--gemm-n", type=positive_int, default=2048, help="GEMM test size n x n x n (default 2048)")
+    p.add_argument("--quality-tokens", type=int, default=512, help="score each variant's perplexity and top-1 "
+                   "agreement with fp32 on this many tokens of a fixed text; 0: skip (default %(default)s)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=120)  # whole tables in files and pipes
     log = Console(stderr=True)
-    if args.warmup < 0:
-        log.print("[red]error:[/red] --warmup must be >= 0")
+    if args.warmup < 0 or args.quality_tokens < 0 or args.quality_tokens == 1:
+        log.print("[red]error:[/red] --warmup must be >= 0, --quality-tokens 0 or >= 2")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,15 +304,23 @@ def main(args: argparse.Namespace) -> int:
     prefills: list[PrefillResult] = []
     decodes: list[DecodeResult] = []
     weight_bytes: dict[str, int] = {}
+    scores: dict[str, Score] = {}
     for variant in args.variants:
         try:
-            p, d, weight_bytes[variant] = bench_variant(args, variant, log)
+            result = bench_variant(args, variant, log)
         except (ValueError, FileNotFoundError) as e:
             log.print(f"[red]error:[/red] {e}")
             return 2
-        prefills += p
-        decodes += d
+        prefills += result.prefills
+        decodes += result.decodes
+        weight_bytes[variant] = result.weight_bytes
+        if result.quality:
+            scores[variant] = result.quality
+        del result
         gc.collect()  # the previous variant's weights and KV cache go before the next loads
+    if scores and "fp32" not in scores:
+        reference = quality(engine_for(args, "fp32", 1), args.quality_tokens, log)
+        scores = {"fp32": reference, **scores} if reference else {}
     # Limits are measured before and after, and the better kept: a neighbour's burst lowers one of them.
     last = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n)
     machine = Machine(first.threads, max(first.bandwidth_bytes_s, last.bandwidth_bytes_s),
@@ -272,4 +330,6 @@ def main(args: argparse.Namespace) -> int:
     console.print(machine_table(machine, load_start))
     console.print(prefill_table(prefills, machine))
     console.print(decode_table(decodes, machine, weight_bytes))
+    if scores:
+        console.print(quality_table(scores, scores["fp32"], args.quality_tokens))
     return 0

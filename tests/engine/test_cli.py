@@ -38,16 +38,29 @@ def test_bad_flag_type_is_a_clear_error() -> None:
 
 
 def test_bench_engine_prints_its_tables() -> None:
-    result = distserve("bench", "engine", "--model", TINY, "--variants", "fp32,int8", "--prefill-lengths", "16",
+    # The tokenizer's whole vocabulary, so that the reference text can be scored.
+    model = "random:" + json.dumps({**json.loads(TINY.removeprefix("random:")), "vocab_size": 49152})
+    result = distserve("bench", "engine", "--model", model, "--variants", "q4_1,int8", "--prefill-lengths", "16",
                        "--decode-batches", "1,2", "--context", "8", "--repeat", "1", "--warmup", "0",
-                       "--decode-steps", "2", "--kv-gib", "0.01", "--copy-mib", "4", "--gemm-n", "64")
+                       "--decode-steps", "2", "--kv-gib", "0.01", "--copy-mib", "4", "--gemm-n", "64",
+                       "--quality-tokens", "40")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for title in ("Machine", "GFLOP/s", "Prefill", "Decode"):
+    for title in ("Machine", "GFLOP/s", "Prefill", "Decode", "Quality: 40 tokens"):
         assert title in out
     cells = [line.split("│") for line in out.splitlines()]
-    rows = [c for c in cells if len(c) > 2 and c[1].strip() in ("fp32", "int8")]
-    assert len(rows) == 2 + 4  # one prefill length and two decode batches, for each variant
+    rows = [c for c in cells if len(c) > 2 and c[1].strip() in ("fp32", "q4_1", "int8")]
+    # One prefill length, two decode batches for each variant, then each one's quality against fp32's.
+    assert [c[1].strip() for c in rows] == ["q4_1", "int8"] + ["q4_1"] * 2 + ["int8"] * 2 + ["fp32", "q4_1", "int8"]
+    assert "+0.00%" in rows[-3][3] and "100.0%" in rows[-3][4]
+
+
+def test_bench_engine_skips_quality_where_the_text_does_not_fit_the_vocabulary() -> None:
+    result = distserve("bench", "engine", "--model", TINY, "--prefill-lengths", "16", "--decode-batches", "1",
+                       "--context", "8", "--repeat", "1", "--warmup", "0", "--decode-steps", "2", "--kv-gib", "0.01",
+                       "--copy-mib", "4", "--gemm-n", "64")
+    assert result.returncode == 0, result.stderr
+    assert "Quality" not in result.stdout and "vocabulary" in result.stderr
 
 
 def test_bench_engine_rejects_a_grid_that_does_not_fit() -> None:
@@ -55,3 +68,4 @@ def test_bench_engine_rejects_a_grid_that_does_not_fit() -> None:
                        "--kv-gib", "0.0001", "--copy-mib", "4", "--gemm-n", "64", "--repeat", "1")
     assert result.returncode == 2
     assert "--kv-gib" in result.stderr
+    assert distserve("bench", "engine", "--quality-tokens", "1").returncode == 2
