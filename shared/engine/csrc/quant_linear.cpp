@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #ifndef DISTSERVE_NS
 #define DISTSERVE_NS distserve
@@ -49,36 +50,71 @@ inline float half_to_float(at::Half h) {
 #endif
 }
 
-// The activations, quantized per block: xq [M, K] int8, dx [M, K / 32] scales, sx [M, K / 32] = dx * sum xq.
-struct QuantizedRows {
-  at::Tensor xq, dx, sx;
+// The activations quantized per block, as raw pointers: row r's block b at xq + r * K + b * 32, its
+// scale dx = max |x| / 127 and dx * sum(xq) at dx / sx + r * blocks + b.
+struct Rows {
+  const int8_t* xq;
+  const float* dx;
+  const float* sx;
+  int64_t K, blocks;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / QK;
-  QuantizedRows q{at::empty({M, K}, x.options().dtype(at::kChar)), at::empty({M, blocks}, x.options()),
-                  at::empty({M, blocks}, x.options())};
+// One block of 32 activations: xq = round-half-even(x * 127 / max |x|) (what the tests' reference computes).
+inline void quantize_block(const float* v, int8_t* xq, float* dx, float* sx) {
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 x[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm256_loadu_ps(v + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, x[i]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float a = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));  // rounds half to even
+  // Sum before packing (int32 lanes), then pack 32 int32 to 32 int8 in order.
+  const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i p8 = _mm256_packs_epi16(p16, p16b);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq),
+                      _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+  const int32_t sum = _mm_cvtsi128_si32(s4);
+#else
+  float a = 0.f;
+  for (int64_t k = 0; k < QK; ++k) a = std::max(a, std::fabs(v[k]));
+  const float inv = a > 0.f ? 127.f / a : 0.f;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < QK; ++k) {
+    const int32_t qk = static_cast<int32_t>(std::nearbyint(v[k] * inv));
+    xq[k] = static_cast<int8_t>(qk);
+    sum += qk;
+  }
+#endif
+  *dx = a / 127.f;
+  *sx = *dx * static_cast<float>(sum);
+}
+
+// x [M, K] quantized into this thread's scratch buffers (no allocation per call once they have grown).
+Rows quantize_rows(const at::Tensor& x) {
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> scales;
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / QK, n = M * blocks;
+  xq.resize(M * K);
+  scales.resize(2 * n);
   const float* xp = x.data_ptr<float>();
-  int8_t* xq = q.xq.data_ptr<int8_t>();
-  float* dx = q.dx.data_ptr<float>();
-  float* sx = q.sx.data_ptr<float>();
-  at::parallel_for(0, M * blocks, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* v = xp + i * QK;
-      float amax = 0.f;
-      for (int64_t k = 0; k < QK; ++k) amax = std::max(amax, std::fabs(v[k]));
-      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t k = 0; k < QK; ++k) {
-        const int32_t qk = static_cast<int32_t>(std::nearbyint(v[k] * inv));
-        xq[i * QK + k] = static_cast<int8_t>(qk);
-        sum += qk;
-      }
-      dx[i] = d;
-      sx[i] = d * static_cast<float>(sum);
-    }
+  int8_t* q = xq.data();
+  float* dx = scales.data();
+  float* sx = dx + n;
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) quantize_block(xp + i * QK, q + i * QK, dx + i, sx + i);
   });
-  return q;
+  return Rows{q, dx, sx, K, blocks};
 }
 
 #if defined(__AVX2__)
@@ -113,7 +149,8 @@ struct Q4_1 {
     const __m128i low = _mm_set1_epi8(15);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
   }
-  static inline __m256i dot(__m256i w, __m256i x) { return dot_u8s8(w, x); }
+  static constexpr bool signed_weights = false;
+  static inline __m256i dot(__m256i w, __m256i x, __m256i) { return dot_u8s8(w, x); }
 #endif
   inline int32_t dot_scalar(int64_t b, const int8_t* xq) const {
     int32_t s = 0;
@@ -122,6 +159,7 @@ struct Q4_1 {
   }
   inline float scale(int64_t b) const { return half_to_float(d[b]); }
   inline float min(int64_t b) const { return half_to_float(m[b]); }
+  inline void prefetch(int64_t) const {}  // measured: the hardware's prefetch alone is faster
 };
 
 struct Q8_0 {
@@ -130,8 +168,9 @@ struct Q8_0 {
   static constexpr bool has_min = false;
 #if defined(__AVX2__)
   inline __m256i unpack(int64_t b) const { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + QK * b)); }
-  // signed x signed as unsigned x signed: |w| * (x with w's sign)
-  static inline __m256i dot(__m256i w, __m256i x) { return dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
+  // signed x signed as unsigned x signed: |x| (once per activation block) * (w with x's sign)
+  static constexpr bool signed_weights = true;
+  static inline __m256i dot(__m256i w, __m256i x, __m256i abs_x) { return dot_u8s8(abs_x, _mm256_sign_epi8(w, x)); }
 #endif
   inline int32_t dot_scalar(int64_t b, const int8_t* xq) const {
     int32_t s = 0;
@@ -140,15 +179,8 @@ struct Q8_0 {
   }
   inline float scale(int64_t b) const { return half_to_float(d[b]); }
   inline float min(int64_t) const { return 0.f; }
-};
-
-// The quantized activations as raw pointers (row r's block b at xq + r * K + b * 32, its scale and sum at
-// dx / sx + r * blocks + b).
-struct Rows {
-  const int8_t* xq;
-  const float* dx;
-  const float* sx;
-  int64_t K, blocks;
+  // 8 blocks ahead: the LM head's 30 MB read 1.5x faster than with the hardware's prefetch alone
+  inline void prefetch(int64_t b) const { _mm_prefetch(reinterpret_cast<const char*>(qs + QK * b), _MM_HINT_T0); }
 };
 
 // out[r * ldo + f] for the R rows from `row` and the F output features of `w`: every weight block is unpacked
@@ -165,14 +197,17 @@ inline void tile(const Rows& x, int64_t row, const W (&w)[F], float* out, int64_
     __m256i wb[F];
     float dw[F];
     for (int f = 0; f < F; ++f) {
+      w[f].prefetch(b + 8);
       wb[f] = w[f].unpack(b);
       dw[f] = w[f].scale(b);
     }
     for (int r = 0; r < R; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.xq + (row + r) * x.K + b * QK));
+      const __m256i abs_x = W::signed_weights ? _mm256_abs_epi8(xv) : xv;
       const float dx = x.dx[(row + r) * x.blocks + b];
       for (int f = 0; f < F; ++f)
-        acc[f][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(W::dot(wb[f], xv)), _mm256_set1_ps(dw[f] * dx), acc[f][r]);
+        acc[f][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(W::dot(wb[f], xv, abs_x)), _mm256_set1_ps(dw[f] * dx),
+                                    acc[f][r]);
     }
     if constexpr (W::has_min) {
       for (int f = 0; f < F; ++f) {
@@ -217,8 +252,7 @@ at::Tensor run(const at::Tensor& x_in, int64_t n_out, Make make) {
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), blocks = K / QK;
   TORCH_CHECK(K % QK == 0, "the input dimension must be a multiple of ", QK);
-  const QuantizedRows q = quantize_rows(x);
-  const Rows rows{q.xq.data_ptr<int8_t>(), q.dx.data_ptr<float>(), q.sx.data_ptr<float>(), K, blocks};
+  const Rows rows = quantize_rows(x);
   at::Tensor y = at::empty({M, n_out}, x.options());
   float* yp = y.data_ptr<float>();
   using W = decltype(make(0));
