@@ -4,7 +4,14 @@ Starts a nats-server and a redis-server on 127.0.0.1 (unless --nats-url / --redi
 external ones), resolves the settings once and hands them to every child as a file, then starts
 the workers and the gateway as child processes, each in its own session so that a Ctrl-C reaches
 only this launcher, which stops them in order: gateway, workers, servers. The cores are split
-between the workers. A child that dies is reported and stops the stack: nothing fails silently.
+between the workers.
+
+Supervision (`--restart`, default on-failure): a worker or gateway that dies is logged and started again
+after a backoff (0.5 s, doubling up to 30 s), while the rest keep serving; the restarted worker
+re-registers with the gateway under its instance id. A child that dies `restart_limit` more times, each
+within a minute of its last start, stops the stack, as does any death with `--restart never` (the
+fail-fast that tests of a fixed topology want). The embedded nats-server and redis-server are restarted
+on their ports the same way.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_flag(parser)
     add_flags(parser, COMMON_FLAGS)
     add_flags(parser, GATEWAY_FLAGS)
+    add_flags(parser, {"--restart": "restart", "--restart-limit": "restart_limit"})
     parser.add_argument("--mode", dest="cfg:mode", choices=["disaggregated", "colocated"], default=None,
                         help="disaggregated prefill/decode workers (default) or colocated workers (baseline)")
     parser.add_argument("--prefill", dest="cfg:prefill_instances", type=int, default=None, help="prefill workers")
@@ -62,10 +70,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+_STABLE_S = 60.0  # a child up this long has recovered: its restarts count from zero again
+_BACKOFF_S, _MAX_BACKOFF_S = 0.5, 30.0
+
+
+def backoff_s(restarts: int) -> float:
+    """How long to wait before a child's restart number `restarts` + 1."""
+    return min(_MAX_BACKOFF_S, _BACKOFF_S * 2 ** restarts)
+
+
 @dataclass
 class Child:
     name: str
+    args: list[str]
+    cpus: list[int] | None
     proc: subprocess.Popen[bytes]
+    started: float  # time.monotonic() of the current process's start
+    restarts: int = 0  # in a row, each within _STABLE_S of the previous start
+    due: float | None = None  # when the dead child is started again
+
+
+@dataclass
+class Supervised:
+    """An embedded server under supervision: its restarts, as for a Child."""
+
+    server: ServerProcess
+    started: float = 0.0
+    restarts: int = 0
+    due: float | None = None
 
 
 def worker_names(settings: Settings) -> list[tuple[str, str]]:
@@ -104,6 +136,7 @@ class Stack:
         self.announce = announce  # write stack_file() for `distserve requests` (not in tests)
         self.servers: list[ServerProcess] = []
         self.children: list[Child] = []
+        self._supervised: list[Supervised] = []
         self._dir = tempfile.TemporaryDirectory(prefix="distserve-up-")
         self.stopping = False
 
@@ -142,19 +175,26 @@ class Stack:
     def _server(self, server: ServerProcess) -> ServerProcess:
         server.start()
         self.servers.append(server)
-        if self.settings.service_cpus is not None and server.pid is not None:
-            pin_process(server.pid, self.settings.service_cpus)
+        self._supervised.append(Supervised(server))
+        self._pin_server(server)
         log.info("%s listening on %s (pid %d)", server.name, server.url, server.pid)
         return server
 
+    def _pin_server(self, server: ServerProcess) -> None:
+        if self.settings.service_cpus is not None and server.pid is not None:
+            pin_process(server.pid, self.settings.service_cpus)
+
     def _spawn(self, name: str, args: list[str], cpus: list[int] | None = None) -> None:
+        self.children.append(Child(name, args, cpus, self._popen(name, args, cpus), time.monotonic()))
+
+    def _popen(self, name: str, args: list[str], cpus: list[int] | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DISTSERVE_LOG_LEVEL": self.log_level}
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         if cpus is not None:  # before the interpreter starts any thread: later ones inherit the CPUs
             pin_process(proc.pid, cpus)
-        self.children.append(Child(name, proc))
         log.info("started %s (pid %d%s)", name, proc.pid, f", CPUs {cpus}" if cpus is not None else "")
+        return proc
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
@@ -176,15 +216,59 @@ class Stack:
             raise RuntimeError(f"the stack was not ready after {timeout:.0f} s")
 
     def watch(self) -> int:
-        """Block until a signal (exit 0) or a child's death (exit 1)."""
+        """Supervise until a signal (exit 0), or until a death the restart policy does not cover (exit 1)."""
         while not self.stopping:
-            dead = self.dead_child()
-            if dead is not None:
-                log.error("%s (pid %d) exited with code %s; stopping the stack", dead.name, dead.proc.pid,
-                          dead.proc.returncode)
+            if not self.supervise(time.monotonic()):
                 return 1
-            time.sleep(0.5)
+            time.sleep(0.25)
         return 0
+
+    def supervise(self, now: float) -> bool:
+        """One pass over the children and servers: schedule and make restarts; False: stop the stack."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                if child.restarts and now - child.started > _STABLE_S:
+                    child.restarts = 0
+            elif child.due is None:
+                if not self._schedule(child.name, child.proc.pid, child.proc.returncode, child, now):
+                    return False
+            elif now >= child.due:
+                child.restarts, child.due = child.restarts + 1, None
+                child.proc, child.started = self._popen(child.name, child.args, child.cpus), now
+        for entry in self._supervised:
+            server = entry.server
+            if server.alive():
+                if entry.restarts and now - entry.started > _STABLE_S:
+                    entry.restarts = 0
+                continue
+            if entry.due is None:
+                if not self._schedule(server.name, server.pid, None, entry, now):
+                    return False
+            elif now >= entry.due:
+                entry.restarts, entry.due, entry.started = entry.restarts + 1, None, now
+                try:
+                    server.restart()
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+                    return False
+                self._pin_server(server)
+                log.info("%s restarted on %s (pid %d)", server.name, server.url, server.pid)
+        return True
+
+    def _schedule(self, name: str, pid: int | None, code: int | None, entry: Child | Supervised, now: float) -> bool:
+        """Log a death and set when to restart it; False when the policy says stop the stack instead."""
+        how = f"{name} (pid {pid}) exited" + (f" with code {code}" if code is not None else "")
+        if self.settings.restart == "never":
+            log.error("%s; stopping the stack (restart: never)", how)
+            return False
+        if entry.restarts >= self.settings.restart_limit:
+            log.error("%s after %d restarts in a row; stopping the stack", how, entry.restarts)
+            return False
+        delay = backoff_s(entry.restarts)
+        log.warning("%s; restarting it in %.1f s (restart %d of at most %d in a row)", how, delay,
+                    entry.restarts + 1, self.settings.restart_limit)
+        entry.due = now + delay
+        return True
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True

@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     request_ttl_s: int = Field(default=3600, ge=1, description="how long Redis keeps a request's state")
     pin_workers: bool = Field(default=False, description="`up` pins each worker to CPUs of its own (shared/cpus.py)")
     service_cpus: list[int] | None = Field(default=None, description="CPUs `up` pins the gateway, NATS and Redis to")
+    restart: Literal["on-failure", "never"] = Field(default="on-failure", description="`up` restarts a child that "
+                                                    "dies (with backoff), or stops the whole stack (never)")
+    restart_limit: int = Field(default=5, ge=0, description="`up` stops the stack when a child dies this many more "
+                               "times in a row (each within a minute of its restart)")
     gateway: GatewaySettings = GatewaySettings()
     worker: WorkerSettings = WorkerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()

@@ -90,13 +90,14 @@ class ServerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> ServerProcess:
-        self._dir = tempfile.TemporaryDirectory(prefix=f"distserve-{self.name}-")
+    def start(self, port: int | None = None) -> ServerProcess:
+        """Start on `port`, or on a free port (retried if another process takes it first)."""
+        self._dir = self._dir or tempfile.TemporaryDirectory(prefix=f"distserve-{self.name}-")
         self._log = Path(self._dir.name) / "server.log"
         error: Exception | None = None
-        for _ in range(_START_ATTEMPTS):
-            self.port = free_port(self.host)
-            with open(self._log, "wb") as log:
+        for _ in range(_START_ATTEMPTS if port is None else 1):
+            self.port = port or free_port(self.host)
+            with open(self._log, "ab") as log:  # a restart appends
                 # Own session: a Ctrl-C in the terminal reaches the launcher, which stops us in order.
                 self.proc = subprocess.Popen(self.command(self.port, self._dir.name), stdout=log,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -117,6 +118,11 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Start again on the same port (its clients keep their URL) after the process died."""
+        self._reap()
+        self.start(self.port)
 
     def _reap(self, timeout: float = 5.0) -> None:
         if self.proc is None:

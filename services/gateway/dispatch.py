@@ -157,8 +157,13 @@ class Dispatcher:
             info = p.decode(p.WorkerInfo, msg.data)
         except ValueError:
             return
+        known = self.registry.instances.get(info.instance_id)
         if self.registry.update(info):
-            log.info("worker %s (%s) joined", info.instance_id, info.role)
+            if known is None:
+                log.info("worker %s (%s) joined", info.instance_id, info.role)
+            else:  # a new process under a known id: what the old one served is gone with it
+                log.warning("worker %s (%s) restarted", info.instance_id, info.role)
+                self._fail_served_by({info.instance_id})
 
     async def _on_bye(self, msg: Msg) -> None:
         try:
