@@ -12,7 +12,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-import nats
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +27,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from services.gateway.sse import EventStreamResponse
 from shared.config import Settings
+from shared.control_plane import connect_nats
 from shared.model_files import model_display_name
 from shared.protocol import TokenEvent
 from shared.state import StateWriter
@@ -96,8 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await nats.connect(settings.nats_address, name="gateway",
-                                max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        nc = await connect_nats(settings.nats_address, "gateway")
         redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
         state = StateWriter(redis, settings.request_ttl_s)
         state.start()

@@ -20,7 +20,6 @@ import time
 from collections import deque
 from typing import Any
 
-import nats
 from nats.aio.msg import Msg
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from pydantic import ValidationError
@@ -30,6 +29,7 @@ from services.planner.policy import Observed, Policy, WindowStats, plan_for, sho
 from services.planner.report import plan_message
 from services.planner.simulator import Limits
 from shared.config import add_config_flag, add_flags, settings_from_args
+from shared.control_plane import connect_nats
 from shared.protocol import PlanMessage, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
 from shared.workloads import SLO
 
@@ -183,7 +183,7 @@ class PlannerService:
         return out
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = await nats.connect(self.nats_url)
+        nc = await connect_nats(self.nats_url, "planner")
         try:
             for role in ("prefill", "colocated"):
                 await nc.subscribe(Subjects.all_submits(role), cb=self._on_submit)

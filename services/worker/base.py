@@ -22,7 +22,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
-import nats
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -31,6 +30,7 @@ from opentelemetry.context import Context
 from services.worker.runner import EngineRunner, StepResult
 from shared import protocol as p
 from shared.config import RoleSettings, Settings
+from shared.control_plane import connect_nats
 from shared.cpus import lower_priority
 from shared.engine import EngineConfig, LLMEngine, StepOutput
 from shared.protocol import M
@@ -139,8 +139,7 @@ class Worker(ABC):
         loop = asyncio.get_running_loop()
         lower_priority(self.engine_settings.nice)  # before the engine's threads: they inherit it
         self.engine = await asyncio.to_thread(self.build_engine)
-        self.nc = await nats.connect(self.settings.nats_address, name=self.instance_id,
-                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        self.nc = await connect_nats(self.settings.nats_address, self.instance_id)
         if self.settings.redis_url:
             self.redis = aioredis.from_url(self.settings.redis_url)
             self.state = StateWriter(self.redis, self.settings.request_ttl_s)
