@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -30,7 +28,7 @@ from shared.argtypes import names_from, positive_int, positive_ints
 from shared.engine.config import EngineConfig, Weights
 from shared.engine.engine import LLMEngine
 from shared.engine.perplexity import Score, reference_tokens, score
-from shared.engine.precision import cpu_kind
+from shared.engine.precision import cpu_kind, cpu_model
 from shared.engine.quant import Fp16Linear, PackedBf16Linear
 from shared.engine.sequence import SamplingParams
 
@@ -209,15 +207,6 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console) -> V
         console.log(f"{variant}: perplexity on {args.quality_tokens} tokens of the reference text")
         scored = quality(engine, args.quality_tokens, console)
     return VariantResult(prefills, decodes, weight_bytes, scored)
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")),
-                platform.machine())
 
 
 def machine_table(m: Machine, load_start: float) -> Table:

@@ -11,6 +11,7 @@ follows it (`choose`).
 from __future__ import annotations
 
 import functools
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,14 +61,23 @@ def kind_of(flags: frozenset[str]) -> CpuKind:
     return "baseline"
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field, e.g. "flags" or "model name" (None off Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.partition(":")[2].strip() for line in lines if line.split(":")[0].strip() == field), None)
+
+
 @functools.cache
 def cpu_kind() -> CpuKind:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "baseline"
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return kind_of(frozenset(line.partition(":")[2].split()))
+    return kind_of(frozenset((_cpuinfo("flags") or "").split()))
+
+
+def cpu_model() -> str:
+    """The CPU's name, as benchmarks print it next to their numbers."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def choose(dtype: DType | Literal["auto"], weights: Weights | Literal["auto"], role: Role,
