@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -80,24 +81,21 @@ def backoff_s(restarts: int) -> float:
 
 
 @dataclass
+class Restarts:
+    """A supervised process's restart state."""
+
+    started: float = 0.0  # time.monotonic() of the current process's start
+    restarts: int = 0  # in a row, each within _STABLE_S of the previous start
+    due: float | None = None  # when the dead process is started again
+
+
+@dataclass
 class Child:
     name: str
     args: list[str]
     cpus: list[int] | None
     proc: subprocess.Popen[bytes]
-    started: float  # time.monotonic() of the current process's start
-    restarts: int = 0  # in a row, each within _STABLE_S of the previous start
-    due: float | None = None  # when the dead child is started again
-
-
-@dataclass
-class Supervised:
-    """An embedded server under supervision: its restarts, as for a Child."""
-
-    server: ServerProcess
-    started: float = 0.0
-    restarts: int = 0
-    due: float | None = None
+    state: Restarts
 
 
 def worker_names(settings: Settings) -> list[tuple[str, str]]:
@@ -136,7 +134,7 @@ class Stack:
         self.announce = announce  # write stack_file() for `distserve requests` (not in tests)
         self.servers: list[ServerProcess] = []
         self.children: list[Child] = []
-        self._supervised: list[Supervised] = []
+        self._server_restarts: dict[str, Restarts] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="distserve-up-")
         self.stopping = False
 
@@ -175,7 +173,7 @@ class Stack:
     def _server(self, server: ServerProcess) -> ServerProcess:
         server.start()
         self.servers.append(server)
-        self._supervised.append(Supervised(server))
+        self._server_restarts[server.name] = Restarts(time.monotonic())
         self._pin_server(server)
         log.info("%s listening on %s (pid %d)", server.name, server.url, server.pid)
         return server
@@ -185,7 +183,7 @@ class Stack:
             pin_process(server.pid, self.settings.service_cpus)
 
     def _spawn(self, name: str, args: list[str], cpus: list[int] | None = None) -> None:
-        self.children.append(Child(name, args, cpus, self._popen(name, args, cpus), time.monotonic()))
+        self.children.append(Child(name, args, cpus, self._popen(name, args, cpus), Restarts(time.monotonic())))
 
     def _popen(self, name: str, args: list[str], cpus: list[int] | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DISTSERVE_LOG_LEVEL": self.log_level}
@@ -226,48 +224,51 @@ class Stack:
     def supervise(self, now: float) -> bool:
         """One pass over the children and servers: schedule and make restarts; False: stop the stack."""
         for child in self.children:
-            if child.proc.poll() is None:
-                if child.restarts and now - child.started > _STABLE_S:
-                    child.restarts = 0
-            elif child.due is None:
-                if not self._schedule(child.name, child.proc.pid, child.proc.returncode, child, now):
-                    return False
-            elif now >= child.due:
-                child.restarts, child.due = child.restarts + 1, None
-                child.proc, child.started = self._popen(child.name, child.args, child.cpus), now
-        for entry in self._supervised:
-            server = entry.server
-            if server.alive():
-                if entry.restarts and now - entry.started > _STABLE_S:
-                    entry.restarts = 0
-                continue
-            if entry.due is None:
-                if not self._schedule(server.name, server.pid, None, entry, now):
-                    return False
-            elif now >= entry.due:
-                entry.restarts, entry.due, entry.started = entry.restarts + 1, None, now
-                try:
-                    server.restart()
-                except RuntimeError as exc:
-                    log.error("%s", exc)
-                    return False
+            def respawn(child: Child = child) -> None:
+                child.proc = self._popen(child.name, child.args, child.cpus)
+
+            if not self._supervise_one(child.name, child.proc.pid, child.proc.poll(), child.state, respawn, now):
+                return False
+        for server in self.servers:
+            def restart(server: ServerProcess = server) -> None:
+                server.restart()
                 self._pin_server(server)
                 log.info("%s restarted on %s (pid %d)", server.name, server.url, server.pid)
+
+            code = None if server.alive() else (server.proc.returncode if server.proc else -1)
+            try:
+                if not self._supervise_one(server.name, server.pid, code, self._server_restarts[server.name],
+                                           restart, now):
+                    return False
+            except RuntimeError as exc:  # it did not come back
+                log.error("%s", exc)
+                return False
         return True
 
-    def _schedule(self, name: str, pid: int | None, code: int | None, entry: Child | Supervised, now: float) -> bool:
-        """Log a death and set when to restart it; False when the policy says stop the stack instead."""
-        how = f"{name} (pid {pid}) exited" + (f" with code {code}" if code is not None else "")
+    def _supervise_one(self, name: str, pid: int | None, exit_code: int | None, state: Restarts,
+                       start: Callable[[], None], now: float) -> bool:
+        """Running (exit_code None): forget old restarts once stable. Dead: schedule its restart, or make it
+        when due. False when the policy says stop the stack instead."""
+        if exit_code is None:
+            if state.restarts and now - state.started > _STABLE_S:
+                state.restarts = 0
+            return True
+        if state.due is not None:
+            if now >= state.due:
+                state.restarts, state.due, state.started = state.restarts + 1, None, now
+                start()
+            return True
+        how = f"{name} (pid {pid}) exited with code {exit_code}"
         if self.settings.restart == "never":
             log.error("%s; stopping the stack (restart: never)", how)
             return False
-        if entry.restarts >= self.settings.restart_limit:
-            log.error("%s after %d restarts in a row; stopping the stack", how, entry.restarts)
+        if state.restarts >= self.settings.restart_limit:
+            log.error("%s after %d restarts in a row; stopping the stack", how, state.restarts)
             return False
-        delay = backoff_s(entry.restarts)
+        delay = backoff_s(state.restarts)
         log.warning("%s; restarting it in %.1f s (restart %d of at most %d in a row)", how, delay,
-                    entry.restarts + 1, self.settings.restart_limit)
-        entry.due = now + delay
+                    state.restarts + 1, self.settings.restart_limit)
+        state.due = now + delay
         return True
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:

@@ -93,4 +93,4 @@ def test_restart_never_stops_the_stack_at_the_first_death() -> None:
         prefill = next(c for c in stack.children if c.name == "prefill-0")
         os.kill(prefill.proc.pid, signal.SIGKILL)
         assert wait_until(lambda: exits == [1], 10)
-        assert prefill.due is None  # nothing scheduled
+        assert prefill.state.due is None  # nothing scheduled
