@@ -106,6 +106,10 @@ class GatewaySettings(_Section):
     max_pending: int = Field(default=256, ge=1, description="requests awaiting a first token before 429")
     retry_after_s: int = Field(default=1, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    migration_limit: int = Field(default=3, ge=0, description="times a request moves to another worker when "
+                                 "its worker dies before it ends with an error (0: never)")
+    migration_wait_s: float = Field(default=1.5, ge=0, description="how long a request whose worker died waits "
+                                    "for a live worker of its phase before it ends with 503")
     slo_ttft_s: float = Field(default=2.0, gt=0, description="TTFT objective for the SLO-attainment metric")
     slo_tpot_s: float = Field(default=0.2, gt=0, description="TPOT objective for the SLO-attainment metric")
 

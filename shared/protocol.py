@@ -121,6 +121,10 @@ class PrefillRequest(Message):
     sampling: SamplingParams
     reply_to: str  # the gateway's tokens subject
     arrived_at: float  # wall-clock time the gateway accepted it
+    # A migrated request (its worker died): the tokens already streamed and how many characters of
+    # their text the client has; the worker computes their KV too and continues after them.
+    output_token_ids: list[int] = []
+    num_emitted_chars: int = 0
 
 
 class KVMeta(BaseModel):
@@ -136,8 +140,8 @@ class KVMeta(BaseModel):
     num_blocks: int
     block_size: int
     block_nbytes: int
-    output_text: str  # text generated so far, and how much of it was already streamed
-    num_emitted_chars: int
+    output_text: str | None  # text generated so far (None: decode it from output_token_ids) and how much
+    num_emitted_chars: int  # of it was already streamed
     dtype: str = "float32"  # of the exported KV; an importer in another dtype converts it (EngineConfig.dtype)
 
     @property
@@ -162,6 +166,9 @@ class DecodeRequest(Message):
     request_id: str
     reply_to: str
     kv: KVHandle
+    # A migrated request whose KV no prefill worker holds any more (its decode worker died mid-stream):
+    # pull nothing, compute the KV here from kv.meta's tokens (the prompt and every token streamed).
+    recompute: bool = False
 
 
 class KVRelease(Message):
@@ -174,6 +181,7 @@ class KVRelease(Message):
 class AbortRequest(Message):
     request_id: str
     reason: str = "client disconnected"
+    instance_id: str | None = None  # only this worker acts on it (a request migrated away); None: every worker
 
 
 class TransferInfo(BaseModel):
@@ -200,6 +208,7 @@ class TokenEvent(BaseModel):
     transfer: TransferInfo | None = None  # decode's first token: how the KV arrived
     error: str | None = None  # the request failed; `status` is the HTTP status to report
     status: int = 200
+    migrate: bool = False  # with `error`: the worker gave the request up (shutting down); continue it elsewhere
 
 
 class TokenBatch(Message):

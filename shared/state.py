@@ -36,7 +36,7 @@ INDEX_MAX = 10_000
 
 # The phases of a request in the order they happen; each is a timestamp field of RequestFields.
 Phase = Literal["arrived", "queued", "prefill_start", "prefill_end", "first_token", "kv_transfer_start",
-                "kv_transfer_end", "decode_start", "finish"]
+                "kv_transfer_end", "decode_start", "migrated", "finish"]
 PHASES: tuple[Phase, ...] = get_args(Phase)
 Status = Literal["queued", "prefilled", "decoding", "finished", "aborted", "failed"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -56,6 +56,9 @@ class RequestFields(TypedDict, total=False):
     arrived: float  # the gateway accepted it
     first_token: float  # the gateway received the first token
     finish: float
+    migrations: int  # times it moved to another worker because its own died
+    migrated: float  # the last time it did
+    migration: str  # the last migration: the phase, the new worker, why
     # prefill (or colocated) worker
     prefill_instance: str
     queued: float  # it joined the worker's queue
@@ -223,7 +226,8 @@ def format_request(request_id: str, state: Mapping[str, str]) -> str:
     """A human-readable timeline of one request."""
     lines = [f"request {request_id}  status={state.get('status', '?')}"]
     for key in ("model", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens",
-                "finish_reason", "kv_transport", "kv_bytes", "kv_transfer_ms", "kv_recomputed", "error"):
+                "finish_reason", "kv_transport", "kv_bytes", "kv_transfer_ms", "kv_recomputed", "migrations",
+                "migration", "error"):
         if key in state:
             lines.append(f"  {key:<17} {state[key]}")
     if "arrived" in state:

@@ -4,14 +4,22 @@ One `Dispatcher` per gateway process. It keeps the worker registry fresh from he
 new request to the prefill (or colocated) instance with the least queued work, and when the first
 token arrives with a KV handle, hands the request to the least-loaded decode instance. Tokens
 from any worker land in this gateway's inbox and are routed to the request's `InFlight` queue,
-which the HTTP handler drains. A request whose worker dies or stops answering ends with an error;
-none is left waiting forever.
+which the HTTP handler drains.
+
+A request whose worker dies, stops reporting, restarts or gives it up (shutting down) migrates: the
+gateway keeps every token it streamed, and continues the request on another worker of the phase it
+was in. A prefill goes to another prefill worker; a decode goes to another decode worker, which
+pulls the KV again if no token was decoded yet (a prefill worker still holds it), else recomputes it
+from the prompt and the tokens streamed so far. Sampling is a function of the seed and the token's
+index, so the client sees one uninterrupted stream. Past `migration_limit`, or with no worker of
+the phase within `migration_wait_s`, the request ends with a 503; none is left waiting forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -39,11 +47,14 @@ _PRUNE_INTERVAL_S = 0.25
 class InFlight:
     """One admitted request, from dispatch to its last token."""
 
-    request_id: str
-    prompt_tokens: int
-    arrived: float
+    request: p.PrefillRequest  # as first dispatched
+    role: p.Role  # where it entered: prefill or colocated
     span: trace.Span
-    instance: str = ""  # the worker that serves it now
+    instance: str = ""  # the worker that serves it now ("" while it migrates): only its events count
+    kv: p.KVHandle | None = None  # from the prefill worker's first token: where the KV waits
+    output_token_ids: list[int] = field(default_factory=list)  # streamed so far (what a migration resumes)
+    emitted_chars: int = 0
+    migrations: int = 0
     first_token_at: float = 0.0
     finished_at: float = 0.0
     output_tokens: int = 0
@@ -51,6 +62,18 @@ class InFlight:
     events: asyncio.Queue[p.TokenEvent] = field(default_factory=asyncio.Queue)
     done: bool = False
     deadline: asyncio.TimerHandle | None = None  # fails the request when request_timeout_s is up
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def arrived(self) -> float:
+        return self.request.arrived_at
 
 
 class Dispatcher:
@@ -102,7 +125,9 @@ class Dispatcher:
         request_id = f"{kind}-{uuid.uuid4().hex}"
         span = self.tracing.start("gateway", now, attributes={"request_id": request_id, "kind": kind,
                                                                "prompt_tokens": len(prompt_token_ids)})
-        flight = InFlight(request_id, len(prompt_token_ids), now, span, instance=worker.instance_id)
+        message = p.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                   reply_to=self.inbox, arrived_at=now)
+        flight = InFlight(message, role, span, instance=worker.instance_id)
         self.inflight[request_id] = flight
         flight.deadline = asyncio.get_running_loop().call_later(
             self.settings.gateway.request_timeout_s, self._fail, flight, 504, "request timed out")
@@ -111,8 +136,6 @@ class Dispatcher:
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
         self.state.update(request_id, status="queued", arrived=now, model=self.model_name,
                           prompt_tokens=len(prompt_token_ids), max_tokens=sampling.max_tokens)
-        message = p.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
-                                   reply_to=self.inbox, arrived_at=now)
         # Queued in the NATS client now, not from a task a loop iteration later: its flush is the
         # next thing the loop runs (the Redis state write waits for its coalescing window).
         await self._publish(p.Subjects.submit(role, worker.instance_id), message, flight)
@@ -162,8 +185,7 @@ class Dispatcher:
             if known is None:
                 log.info("worker %s (%s) joined", info.instance_id, info.role)
             else:  # a new process under a known id: what the old one served is gone with it
-                log.warning("worker %s (%s) restarted", info.instance_id, info.role)
-                self._fail_served_by({info.instance_id})
+                self._lost(info.instance_id, "restarted", avoid=False)
 
     async def _on_bye(self, msg: Msg) -> None:
         try:
@@ -171,22 +193,20 @@ class Dispatcher:
         except ValueError:
             return
         if self.registry.remove(bye.instance_id) is not None:
-            log.info("worker %s left", bye.instance_id)
-            self._fail_served_by({bye.instance_id})
+            self._lost(bye.instance_id, "left")
 
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(_PRUNE_INTERVAL_S)
-            dead = self.registry.prune()
-            for inst in dead:
-                log.warning("worker %s (%s) stopped reporting; dropped", inst.instance_id, inst.role)
-            if dead:
-                self._fail_served_by({i.instance_id for i in dead})
+            for inst in self.registry.prune():
+                self._lost(inst.instance_id, "stopped reporting")
 
-    def _fail_served_by(self, instances: set[str]) -> None:
-        for flight in list(self.inflight.values()):
-            if flight.instance in instances:
-                self._fail(flight, 503, f"worker {flight.instance} is gone")
+    def _lost(self, instance_id: str, what: str, avoid: bool = True) -> None:
+        """A worker is gone (or restarted, `avoid=False`: its new process may take the requests back)."""
+        served = [f for f in self.inflight.values() if f.instance == instance_id]
+        log.warning("worker %s %s; migrating its %d requests", instance_id, what, len(served))
+        for flight in served:
+            self._migrate(flight, f"worker {instance_id} {what}", avoid=avoid)
 
     async def _on_tokens(self, msg: Msg) -> None:
         try:
@@ -197,18 +217,24 @@ class Dispatcher:
         now = time.time()
         for event in batch.events:
             flight = self.inflight.get(event.request_id)
-            if flight is None or flight.done:
+            if flight is None or flight.done or flight.instance != batch.instance_id:
                 if event.kv is not None:  # its KV waits for a pull nobody will make: free it (a no-op where
                     # the request's own abort got there first)
-                    await self._publish(p.Subjects.abort, p.AbortRequest(request_id=event.request_id,
-                                                                         reason="the request ended at its gateway"))
-                continue
+                    await self._publish(p.Subjects.abort, p.AbortRequest(
+                        request_id=event.request_id, reason="the request ended or moved on at its gateway",
+                        instance_id=batch.instance_id))
+                continue  # events of a worker the request migrated away from are not the stream's
             self._on_event(flight, event, now)
 
     def _on_event(self, flight: InFlight, event: p.TokenEvent, now: float) -> None:
         if event.error is not None:
-            self._fail(flight, event.status, event.error)
+            if event.migrate:
+                self._migrate(flight, event.error)
+            else:
+                self._fail(flight, event.status, event.error)
             return
+        flight.output_token_ids.append(event.token_id)
+        flight.emitted_chars += len(event.text)
         if not flight.first_token_at:
             flight.first_token_at = now
             self.metrics.pending.set(self.pending)
@@ -221,6 +247,7 @@ class Dispatcher:
             self.state.update(flight.request_id, status="decoding")
         flight.output_tokens = event.num_output_tokens
         if event.kv is not None and not event.finished:
+            flight.kv = event.kv
             self._hand_to_decode(flight, event.kv)
         flight.events.put_nowait(event)
         if event.finished:
@@ -229,8 +256,9 @@ class Dispatcher:
 
     def _hand_to_decode(self, flight: InFlight, kv: p.KVHandle) -> None:
         worker = self.registry.pick("decode")
-        if worker is None:  # the abort that _fail sends frees the KV the prefill worker holds
-            self._fail(flight, 503, "no live decode worker to continue the request")
+        if worker is None:  # wait for one as a migration does (the prefill worker keeps the KV meanwhile)
+            flight.instance = ""
+            asyncio.ensure_future(self._continue_elsewhere(flight, "decode", None, "waiting for a decode worker"))
             return
         flight.instance = worker.instance_id
         message = p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, kv=kv)
@@ -239,6 +267,69 @@ class Dispatcher:
         # caller queues the token next): the token is written to the client before this is encoded
         # and flushed (about 0.1 ms sooner here), and the decode worker gets it a moment later.
         asyncio.get_running_loop().call_soon(asyncio.ensure_future, publish)
+
+    # -- migration ----------------------------------------------------------------------------------
+
+    def _migrate(self, flight: InFlight, reason: str, avoid: bool = True) -> None:
+        """Continue a request whose worker is gone on another worker of the same phase."""
+        if flight.done or not flight.instance:
+            return  # ended, or already migrating
+        old, limit = flight.instance, self.settings.gateway.migration_limit
+        if flight.migrations >= limit:
+            self._fail(flight, 503, f"{reason}; the request was not migrated again (migration limit {limit})")
+            return
+        flight.migrations += 1
+        flight.instance = ""
+        if avoid:  # if the old worker is only slow, not dead, it must stop spending memory and compute on it
+            # (not after a restart: the new process under that id never had it, and may take it next)
+            asyncio.ensure_future(self._publish(p.Subjects.abort, p.AbortRequest(
+                request_id=flight.request_id, reason=f"migrated: {reason}", instance_id=old)))
+        role: p.Role = "decode" if flight.kv is not None else flight.role
+        asyncio.ensure_future(self._continue_elsewhere(flight, role, old if avoid else None, reason))
+
+    async def _continue_elsewhere(self, flight: InFlight, role: p.Role, avoid: str | None, reason: str) -> None:
+        wait_s = self.settings.gateway.migration_wait_s
+        deadline = time.monotonic() + wait_s
+        while (worker := self.registry.pick(role, flight.prompt_tokens, avoid=avoid)) is None:
+            if time.monotonic() > deadline:
+                self._fail(flight, 503, f"{reason}; no live {role} worker took the request within {wait_s:g} s")
+                return
+            await asyncio.sleep(_PRUNE_INTERVAL_S / 2)
+            if flight.done:  # the client left, or the request timed out, meanwhile
+                return
+        flight.instance = worker.instance_id
+        message: p.Message = self._resumed(flight, role)
+        if flight.migrations:
+            self._record_migration(flight, role, worker.instance_id, reason)
+        await self._publish(p.Subjects.submit(role, worker.instance_id), message, flight)
+
+    def _resumed(self, flight: InFlight, role: p.Role) -> p.Message:
+        """The message that continues a request on a new worker of `role` from where its stream is."""
+        if role != "decode":  # nothing, or (colocated) the tokens streamed so far, to be computed again
+            return flight.request.model_copy(update={"output_token_ids": list(flight.output_token_ids),
+                                                     "num_emitted_chars": flight.emitted_chars})
+        kv = flight.kv
+        assert kv is not None
+        if len(flight.output_token_ids) <= len(kv.meta.output_token_ids):  # nothing decoded: pull it again
+            return p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, kv=kv)
+        # Decoded tokens have no KV anywhere now: the new decode worker computes it from the tokens.
+        num_kv_tokens = flight.prompt_tokens + len(flight.output_token_ids) - 1
+        num_blocks = math.ceil(num_kv_tokens / kv.meta.block_size)
+        meta = kv.meta.model_copy(update={
+            "output_token_ids": list(flight.output_token_ids), "output_text": None,
+            "num_emitted_chars": flight.emitted_chars, "num_kv_tokens": num_kv_tokens, "num_blocks": num_blocks})
+        return p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, recompute=True,
+                               kv=kv.model_copy(update={"meta": meta, "nbytes": meta.nbytes}))
+
+    def _record_migration(self, flight: InFlight, role: p.Role, to: str, reason: str) -> None:
+        log.info("request %s migrated to %s (%s; migration %d, %d tokens streamed)", flight.request_id, to, reason,
+                 flight.migrations, len(flight.output_token_ids))
+        self.metrics.migrations.labels(role=role).inc()
+        now = time.time()
+        self.state.update(flight.request_id, migrations=flight.migrations, migrated=now,
+                          migration=f"{role} {to}: {reason}")
+        flight.span.add_event("migration", {"role": role, "to": to, "reason": reason,
+                                            "tokens_streamed": len(flight.output_token_ids)})
 
     # -- endings ------------------------------------------------------------------------------------
 

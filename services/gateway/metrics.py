@@ -33,6 +33,8 @@ class GatewayMetrics:
                                      registry=r, buckets=_TPOT_BUCKETS)
         self.kv_bytes = Counter("distserve_kv_transfer_bytes", "KV cache bytes moved prefill -> decode", ["transport"],
                                 registry=r)
+        self.migrations = Counter("distserve_migrations", "requests continued on another worker after theirs "
+                                  "died, by the phase they were in", ["role"], registry=r)
         self.requests = Counter("distserve_requests", "finished requests by outcome", ["outcome"], registry=r)
         self.slo_attained = Counter("distserve_slo_attained_requests",
                                     "requests that met both the TTFT and the TPOT objective", registry=r)

@@ -93,9 +93,10 @@ class Registry:
     def model_names(self) -> list[str]:
         return sorted({i.info.model for i in self.instances.values()})
 
-    def pick(self, role: p.Role, prompt_tokens: int = 0) -> Instance | None:
-        """The instance a request goes to now; counts the dispatch until the next report."""
-        best = least_loaded(role, self.alive(role), Instance.dispatch_load)
+    def pick(self, role: p.Role, prompt_tokens: int = 0, avoid: str | None = None) -> Instance | None:
+        """The instance a request goes to now (never `avoid`); counts the dispatch until the next report."""
+        candidates = [i for i in self.alive(role) if i.instance_id != avoid]
+        best = least_loaded(role, candidates, Instance.dispatch_load)
         if best is None:
             return None
         best.dispatched_tokens += prompt_tokens

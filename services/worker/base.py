@@ -169,8 +169,9 @@ class Worker(ABC):
         return self.exit_code
 
     async def shutdown(self) -> None:
-        for request_id, tracked in list(self.requests.items()):
-            await self.send_error(tracked.reply_to, request_id, f"worker {self.instance_id} shut down", 503)
+        for request_id, tracked in list(self.requests.items()):  # each gateway continues them elsewhere
+            await self.send_error(tracked.reply_to, request_id, f"worker {self.instance_id} shut down", 503,
+                                  migrate=True)
         self.requests.clear()
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
@@ -230,7 +231,8 @@ class Worker(ABC):
 
     def admit(self, req: p.PrefillRequest, tracked: Tracked) -> None:
         self.requests[req.request_id] = tracked
-        future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.sampling))
+        future = self.engine_call(lambda e: e.add_request(req.request_id, req.prompt_token_ids, req.sampling,
+                                                          req.output_token_ids, req.num_emitted_chars))
         future.add_done_callback(lambda f: self._admitted(req, f.exception()))
 
     def _admitted(self, req: p.PrefillRequest, error: BaseException | None) -> None:
@@ -260,8 +262,9 @@ class Worker(ABC):
         # (a first token reached the gateway about 0.1 ms sooner in an instrumented run).
         await asyncio.sleep(0)
 
-    async def send_error(self, reply_to: str, request_id: str, message: str, status: int) -> None:
-        event = p.TokenEvent(request_id=request_id, finished=True, error=message, status=status)
+    async def send_error(self, reply_to: str, request_id: str, message: str, status: int,
+                         migrate: bool = False) -> None:
+        event = p.TokenEvent(request_id=request_id, finished=True, error=message, status=status, migrate=migrate)
         with contextlib.suppress(Exception):
             await self.send_events([(reply_to, event)])
         self.state.update(request_id, error=message)
@@ -338,7 +341,7 @@ class Worker(ABC):
 
     async def _on_abort_msg(self, msg: Msg) -> None:
         abort = self.parse(p.AbortRequest, msg)
-        if abort is None:
+        if abort is None or abort.instance_id not in (None, self.instance_id):
             return
         if self.serves(abort.request_id):
             self.spawn(self.on_abort(abort.request_id))  # never wait for the engine in a callback

@@ -25,7 +25,9 @@ Decode side, `KVReceiver`
     gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
     prefills the request here into the reserved blocks (the same continuation: a seeded sample
     depends only on the seed and the token's index); `fail` frees the reservation and the request
-    ends with 502. Either way KVRelease(pulled=False).
+    ends with 502. Either way KVRelease(pulled=False). A migrated request whose tokens were decoded
+    elsewhere (DecodeRequest.recompute: its decode worker died) pulls nothing: it is recomputed from
+    the prompt and every token streamed so far, and no KVRelease is sent.
  8. An abort, at any point: queued, it leaves the queue; pulling, its reservation is freed when the
     pull returns; running, the engine frees it as any other request.
 
@@ -198,6 +200,8 @@ class KVReceiver:
                                                                  error=str(views), status=400))
                     elif incoming is None:  # aborted while its blocks were being reserved
                         self._drop(request_id)
+                    elif incoming.request.recompute:
+                        self.worker.spawn(self._recompute(incoming, time.time(), "migrated mid-decode"))
                     else:
                         incoming.pulling = True
                         self.worker.spawn(self._pull(incoming, views))
@@ -232,18 +236,24 @@ class KVReceiver:
                 await self._settle(incoming, Arrival(request_id, "failed", started, time.time(),
                                                      error=f"KV transfer failed: {exc}", status=502))
             return
+        await self._recompute(incoming, started, str(exc))
+
+    async def _recompute(self, incoming: _Incoming, started: float, reason: str) -> None:
+        """Prefill the request's tokens here, into the blocks reserved for the KV that did not come."""
+        request_id = incoming.request.request_id
         await self.worker.engine_call(functools.partial(LLMEngine.kv_import_recompute, request_id=request_id))
         if incoming.aborted:
             self._drop(request_id)
             return
-        await self._settle(incoming, Arrival(request_id, "recomputed", started, time.time(), error=str(exc)))
+        await self._settle(incoming, Arrival(request_id, "recomputed", started, time.time(), error=reason))
 
     async def _settle(self, incoming: _Incoming, arrival: Arrival) -> None:
         """The request leaves the hand-off: the prefill worker may free its copy; the worker takes over."""
         self.incoming.pop(arrival.request_id, None)
         kv = incoming.request.kv
-        await self.worker.publish(p.Subjects.release(kv.prefill_instance),
-                                  p.KVRelease(request_id=arrival.request_id, pulled=arrival.outcome == "pulled"))
+        if not incoming.request.recompute:  # else no prefill worker holds a copy
+            await self.worker.publish(p.Subjects.release(kv.prefill_instance),
+                                      p.KVRelease(request_id=arrival.request_id, pulled=arrival.outcome == "pulled"))
         await self.on_arrival(arrival)
 
     def _drop(self, request_id: str) -> None:

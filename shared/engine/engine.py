@@ -112,10 +112,18 @@ class LLMEngine:
         if self.blocks.blocks_needed(n + 1) > self.blocks.num_blocks:
             raise ValueError(f"prompt ({n} tokens) does not fit in this worker's KV cache")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    output_token_ids: list[int] | None = None, num_emitted_chars: int | None = None) -> None:
+        """Queue a request. A migrated one brings the tokens it already generated elsewhere (and how much
+        of their text its client has): their KV is computed with the prompt's and generation continues."""
         self.validate(prompt_token_ids, params)
+        if output_token_ids and len(output_token_ids) >= params.max_tokens:
+            raise ValueError("a resumed request has no tokens left to generate")
+        seq = Sequence(request_id, prompt_token_ids, params, self.tokenizer, output_token_ids=output_token_ids)
+        if num_emitted_chars is not None:
+            seq.num_emitted_chars = min(num_emitted_chars, len(seq.text))
         with self.lock:
-            self.scheduler.add(Sequence(request_id, prompt_token_ids, params, self.tokenizer))
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         with self.lock:
@@ -236,7 +244,9 @@ class LLMEngine:
                 return None
             seq = Sequence(meta.request_id, meta.prompt_token_ids, meta.params, self.tokenizer,
                            output_token_ids=meta.output_token_ids)
-            seq.text, seq.num_emitted_chars = meta.output_text, meta.num_emitted_chars
+            if meta.output_text is not None:  # else the text decoded from the tokens
+                seq.text = meta.output_text
+            seq.num_emitted_chars = min(meta.num_emitted_chars, len(seq.text))
             self.scheduler.begin_import(seq, meta.num_blocks, meta.num_kv_tokens)
             if source == self.cache.data.dtype:
                 return self.runner.kv_views(seq.block_table)
