@@ -34,8 +34,17 @@ from types import FrameType
 import httpx
 
 from shared.argtypes import cpu_list
-from shared.config import COMMON_FLAGS, GATEWAY_FLAGS, Settings, add_config_flag, add_flags, settings_from_args
+from shared.config import (
+    COMMON_FLAGS,
+    GATEWAY_FLAGS,
+    REVEAL_SECRETS,
+    Settings,
+    add_config_flag,
+    add_flags,
+    settings_from_args,
+)
 from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, pin_process
+from shared.credentials import write_private
 from shared.model_files import cache_dir
 from shared.servers import NatsServer, RedisServer, ServerProcess
 
@@ -151,19 +160,19 @@ class Stack:
             raise RuntimeError(str(exc)) from None
         updates: dict[str, str] = {}
         if s.nats_url is None:
-            updates["nats_url"] = self._server(NatsServer()).url
+            updates["nats_url"] = self._server(NatsServer.with_password()).url
         if s.redis_url is None:
-            updates["redis_url"] = self._server(RedisServer()).url
+            updates["redis_url"] = self._server(RedisServer.with_password()).url
         s = s.model_copy(update=updates)
         self.settings = s
         config = Path(self._dir.name) / "settings.json"
-        config.write_text(s.model_dump_json())
+        write_private(config, s.model_dump_json(context=REVEAL_SECRETS))  # the children's settings, secrets too
         for (role, instance_id), cpus in zip(workers, pinned, strict=True):
             self._spawn(instance_id, [role, "--config", str(config), "--instance-id", instance_id], cpus)
         self._spawn("gateway", ["gateway", "--config", str(config)], s.service_cpus)
         if self.announce:
             stack_file().parent.mkdir(parents=True, exist_ok=True)
-            stack_file().write_text(json.dumps({"gateway": self.url, "nats_url": s.nats_url,
+            write_private(stack_file(), json.dumps({"gateway": self.url, "nats_url": s.nats_url,
                                                 "redis_url": s.redis_url, "pid": os.getpid()}))
 
     @property
@@ -175,7 +184,7 @@ class Stack:
         self.servers.append(server)
         self._server_restarts[server.name] = Restarts(time.monotonic())
         self._pin_server(server)
-        log.info("%s listening on %s (pid %d)", server.name, server.url, server.pid)
+        log.info("%s listening on %s (pid %d, password required)", server.name, server.address, server.pid)
         return server
 
     def _pin_server(self, server: ServerProcess) -> None:
@@ -233,7 +242,7 @@ class Stack:
             def restart(server: ServerProcess = server) -> None:
                 server.restart()
                 self._pin_server(server)
-                log.info("%s restarted on %s (pid %d)", server.name, server.url, server.pid)
+                log.info("%s restarted on %s (pid %d)", server.name, server.address, server.pid)
 
             code = None if server.alive() else (server.proc.returncode if server.proc else -1)
             try:

@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Self, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    SecretStr,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -35,6 +46,8 @@ INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
 
 _URL_SCHEMES = {"nats_url": (("nats", "tls", "ws", "wss"), "nats://host:port"),
                 "redis_url": (("redis", "rediss", "unix"), "redis://host:port/db")}
+
+REVEAL_SECRETS = {"reveal_secrets": True}  # model_dump context: secrets in clear (`up`'s private settings file)
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("config_file", default=None)
 
@@ -112,6 +125,33 @@ class GatewaySettings(_Section):
                                     "for a live worker of its phase before it ends with 503")
     slo_ttft_s: float = Field(default=2.0, gt=0, description="TTFT objective for the SLO-attainment metric")
     slo_tpot_s: float = Field(default=0.2, gt=0, description="TPOT objective for the SLO-attainment metric")
+    api_keys: list[SecretStr] = Field(default=[], description="keys clients send as 'Authorization: Bearer KEY' "
+                                      "(env DISTSERVE_GATEWAY__API_KEYS as a JSON list)")
+    api_keys_file: Path | None = Field(default=None, description="a file of API keys, one per line")
+    auth_health_metrics: bool = Field(default=False, description="/health and /metrics need a key too")
+    allow_unauthenticated: bool = Field(default=False, description="serve without API keys on an address beyond "
+                                        "loopback (without it, such a gateway refuses to start)")
+
+    @field_serializer("api_keys", when_used="json")
+    def _keys(self, keys: list[SecretStr], info: FieldSerializationInfo) -> list[str]:
+        reveal = bool(info.context and info.context.get("reveal_secrets"))
+        return [k.get_secret_value() if reveal else str(k) for k in keys]
+
+    @model_validator(mode="after")
+    def _authenticated_beyond_loopback(self) -> Self:
+        if self.api_keys or self.api_keys_file or self.allow_unauthenticated or is_loopback(self.host):
+            return self
+        raise ValueError(f"the gateway would serve {self.host}, beyond loopback, to anyone: give it API keys "
+                         "(gateway.api_keys or gateway.api_keys_file) or set gateway.allow_unauthenticated")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 class WorkerSettings(_Section):

@@ -28,8 +28,8 @@ async def connect_nats(url: str, name: str) -> NATS:
         log.warning("%s: lost the NATS connection; reconnecting", name)
 
     async def on_reconnected() -> None:
-        log.warning("%s: NATS connection back (%s)", name, client.connected_url.netloc if client and
-                    client.connected_url else url)
+        server = client.connected_url if client is not None else None  # host and port only: never credentials
+        log.warning("%s: NATS connection back (%s)", name, f"{server.hostname}:{server.port}" if server else "?")
 
     async def on_closed() -> None:
         log.info("%s: NATS connection closed", name)

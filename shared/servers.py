@@ -2,7 +2,9 @@
 
 Both bind 127.0.0.1 on a free port, keep their data in a private temporary directory and are
 stopped by their own PID (terminate, then kill), never by name. `distserve up` starts them when no
-external `--nats-url` / `--redis-url` is given; the tests start them the same way.
+external `--nats-url` / `--redis-url` is given, each with a password of its own that only its URL
+carries (the server reads it from a 0600 file in its private directory, not from its command line,
+which every local user can read); the tests start them the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from shared.credentials import write_private
 
 _START_ATTEMPTS = 3  # a free port can be taken between probing and binding: retry on a new one
 
@@ -70,21 +75,38 @@ class ServerProcess:
 
     name = "server"
     scheme = "tcp"
+    user = ""  # the URL's user name when a password is set
 
-    def __init__(self, host: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
+    def __init__(self, host: str = "127.0.0.1", startup_timeout: float = 10.0, password: str | None = None) -> None:
         self.host = host
         self.startup_timeout = startup_timeout
+        self.password = password  # clients without it are refused
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._log: Path | None = None
+
+    @classmethod
+    def with_password(cls) -> ServerProcess:
+        """A server that refuses clients without a fresh random password (in `url`)."""
+        return cls(password=secrets.token_urlsafe(24))
 
     def command(self, port: int, data_dir: str) -> list[str]:
         raise NotImplementedError
 
     @property
     def url(self) -> str:
+        """What clients connect to, with the password if there is one: a secret, never logged."""
+        credentials = f"{self.user}:{self.password}@" if self.password else ""
+        return f"{self.scheme}://{credentials}{self.host}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """The URL without credentials: what logs show."""
         return f"{self.scheme}://{self.host}:{self.port}"
+
+    def private_file(self, data_dir: str, name: str, text: str) -> str:
+        return str(write_private(Path(data_dir) / name, text))
 
     @property
     def pid(self) -> int | None:
@@ -155,8 +177,14 @@ class NatsServer(ServerProcess):
     name = "nats-server"
     scheme = "nats"
 
+    user = "distserve"
+
     def command(self, port: int, data_dir: str) -> list[str]:
-        return [find_nats_server(), "-a", self.host, "-p", str(port), "-js", "-sd", data_dir]
+        command = [find_nats_server(), "-a", self.host, "-p", str(port), "-js", "-sd", data_dir]
+        if self.password:
+            config = f'authorization {{ user: "{self.user}", password: "{self.password}" }}\n'
+            command += ["-c", self.private_file(data_dir, "auth.conf", config)]
+        return command
 
 
 class RedisServer(ServerProcess):
@@ -164,7 +192,9 @@ class RedisServer(ServerProcess):
     scheme = "redis"
 
     def command(self, port: int, data_dir: str) -> list[str]:
-        return [find_redis_server(), "--bind", self.host, "--port", str(port), "--save", "",
+        # A config file first, options after it (redis-server's order); the password only in the file.
+        config = self.private_file(data_dir, "redis.conf", f"requirepass {self.password}\n" if self.password else "")
+        return [find_redis_server(), config, "--bind", self.host, "--port", str(port), "--save", "",
                 "--appendonly", "no", "--dir", data_dir, "--protected-mode", "yes"]
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import schemas as s
+from services.gateway.auth import APIKeys
 from services.gateway.dispatch import Dispatcher, InFlight
 from services.gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
 from services.gateway.metrics import GatewayMetrics
@@ -47,6 +48,7 @@ class Gateway:
         self.model_name = model_display_name(settings.model)
         model = "default" if settings.model.startswith("random:") else settings.model
         self.tokenizer: Tokenizer = load_tokenizer(model)
+        self.api_keys = APIKeys.from_settings(settings.gateway)
         self.registry = Registry(settings.worker.dead_after_s)
         self.metrics = GatewayMetrics(self.registry)
         self.tracing = Tracing(settings.telemetry, "distserve-gateway")
@@ -136,6 +138,21 @@ async def _gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(_gateway)]
 
 
+async def _authorized(request: Request) -> None:
+    _gateway_of(request).api_keys.check(request.headers.get("authorization"))
+
+
+async def _authorized_ops(request: Request) -> None:
+    """/health and /metrics: a key only where the settings ask for one there."""
+    gateway = _gateway_of(request)
+    if gateway.settings.gateway.auth_health_metrics:
+        gateway.api_keys.check(request.headers.get("authorization"))
+
+
+API_KEY = [Depends(_authorized)]
+OPS_KEY = [Depends(_authorized_ops)]
+
+
 async def _parse(request: Request, model: type[B]) -> B:
     """The request body, parsed and validated in one pass by pydantic's JSON parser.
 
@@ -154,22 +171,22 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.get("/health", dependencies=OPS_KEY)
     async def health(gw: GatewayDep) -> JSONResponse:
         roles = {role: len(gw.registry.alive(role)) for role in ("prefill", "decode", "colocated")}
         ready = gw.registry.ready()
         return JSONResponse({"status": "ok" if ready else "unavailable", "workers": roles},
                             status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=OPS_KEY)
     async def metrics(gw: GatewayDep) -> Response:
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=API_KEY)
     async def models(gw: GatewayDep) -> dict[str, Any]:
         return s.models_response(sorted({gw.model_name, *gw.registry.model_names()}))
 
-    @app.post("/v1/completions", openapi_extra=_json_body(s.CompletionRequest))
+    @app.post("/v1/completions", dependencies=API_KEY, openapi_extra=_json_body(s.CompletionRequest))
     async def completions(request: Request) -> Response:
         gw, body = _gateway_of(request), await _parse(request, s.CompletionRequest)
         gw.check_model(body.model)
@@ -177,7 +194,7 @@ def _routes(app: FastAPI) -> None:
         max_tokens = gw.budget(len(ids), body.max_tokens)
         return await _serve(gw, body, ids, max_tokens, "cmpl", s.completion_chunk, s.completion_response)
 
-    @app.post("/v1/chat/completions", openapi_extra=_json_body(s.ChatCompletionRequest))
+    @app.post("/v1/chat/completions", dependencies=API_KEY, openapi_extra=_json_body(s.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         gw, body = _gateway_of(request), await _parse(request, s.ChatCompletionRequest)
         gw.check_model(body.model)

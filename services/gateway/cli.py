@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import uvicorn
 
@@ -22,10 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(args)
     from services.gateway.app import create_app  # after logging is set up: loading the tokenizer logs
 
-    app = create_app(settings)
+    try:
+        settings = settings_from_args(args)
+        app = create_app(settings)
+    except (ValueError, OSError) as exc:  # bad settings, an unreadable API key file
+        print(f"distserve gateway: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)
     return 0

@@ -9,9 +9,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout_error",
-          429: "rate_limit_error", 499: "client_closed_request", 500: "server_error", 502: "server_error",
-          503: "service_unavailable", 504: "timeout_error"}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          408: "timeout_error", 429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
+          502: "server_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 class APIError(Exception):

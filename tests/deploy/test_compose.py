@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -41,12 +43,30 @@ def test_every_distserve_command_parses() -> None:
     assert checked == 4  # gateway, prefill, decode, planner
 
 
-def test_environment_is_valid_settings(monkeypatch: object) -> None:
-    env = _services()["gateway"]["environment"]
-    for key, value in env.items():  # type: ignore[attr-defined]
-        monkeypatch.setenv(key, value)  # type: ignore[attr-defined]
-    settings = load_settings()
-    assert settings.nats_url == "nats://nats:4222" and settings.telemetry.exporter == "otlp"
+def _interpolated(value: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME:?message} with the values of a .env."""
+    return re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: env[m.group(1)], value)
+
+
+def test_environment_is_valid_settings_with_credentials_from_env(monkeypatch: object) -> None:
+    dotenv = dict(line.split("=", 1) for line in subprocess.run(
+        [sys.executable, str(COMPOSE / "make_env.py")], capture_output=True, text=True, check=True).stdout.split())
+    assert set(dotenv) == {"DISTSERVE_API_KEY", "NATS_PASSWORD", "REDIS_PASSWORD"}
+    committed = (COMPOSE / "docker-compose.yml").read_text()
+    assert not any(secret in committed for secret in dotenv.values())
+    services = _services()
+    for service in ("gateway", "prefill"):
+        for key, value in services[service]["environment"].items():  # type: ignore[attr-defined]
+            monkeypatch.setenv(key, _interpolated(value, dotenv))  # type: ignore[attr-defined]
+        settings = load_settings()
+        assert settings.nats_url == f"nats://distserve:{dotenv['NATS_PASSWORD']}@nats:4222"
+        assert settings.redis_url == f"redis://:{dotenv['REDIS_PASSWORD']}@redis:6379/0"
+        assert settings.telemetry.exporter == "otlp"
+    gateway = load_settings({"gateway": {"host": "0.0.0.0"}}).gateway  # the compose gateway's own address
+    assert [k.get_secret_value() for k in gateway.api_keys] == [dotenv["DISTSERVE_API_KEY"]]
+    nats_command = " ".join(services["nats"]["command"])  # type: ignore[arg-type]
+    assert "--pass ${NATS_PASSWORD" in nats_command
+    assert "${REDIS_PASSWORD" in " ".join(services["redis"]["command"])  # type: ignore[arg-type]
 
 
 def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:

@@ -71,7 +71,8 @@ def test_killed_worker_and_redis_are_restarted_and_the_limit_stops_the_stack() -
         os.kill(redis_pid, signal.SIGKILL)
         assert answers(stack)  # nothing on the token path waits for Redis
         assert wait_until(lambda: redis_server.alive() and redis_server.pid != redis_pid, 30)
-        assert redis_server.port == port  # the children keep their URL
+        assert redis_server.port == port  # the children keep their URL, password included
+        assert redis_server.password and stack.settings.redis_url == redis_server.url
         request_id = client(stack).completions.with_raw_response.create(
             model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0).headers["x-request-id"]
 
