@@ -22,8 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import schemas as s
 from services.gateway.auth import APIKeys
-from services.gateway.dispatch import Dispatcher, InFlight
-from services.gateway.errors import APIError, api_error_handler, http_error_handler, validation_error_handler
+from services.gateway.dispatch import NO_WORKERS, Dispatcher, InFlight
+from services.gateway.errors import (
+    APIError,
+    api_error_handler,
+    http_error_handler,
+    retry_later,
+    validation_error_handler,
+)
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from services.gateway.sse import EventStreamResponse
@@ -67,8 +73,7 @@ class Gateway:
         """max_tokens for a prompt: the requested number, or what is left of the context."""
         limit = self.max_model_len()
         if limit == 0:
-            raise APIError(503, "no live workers: the service is starting or its workers are down",
-                           code="no_workers")
+            raise retry_later(503, NO_WORKERS, self.settings.gateway.retry_after_s, code="no_workers")
         if requested is None:
             requested = limit - prompt_tokens
             if requested < 1:

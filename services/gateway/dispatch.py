@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from services.gateway.errors import APIError
+from services.gateway.errors import APIError, retry_later
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from shared import protocol as p
@@ -41,6 +41,7 @@ from shared.telemetry import Tracing, end_span, inject_headers, span_context
 log = logging.getLogger(__name__)
 
 _PRUNE_INTERVAL_S = 0.25
+NO_WORKERS = "no live workers: the service is starting or its workers are down"
 
 
 @dataclass
@@ -112,13 +113,12 @@ class Dispatcher:
     async def submit(self, prompt_token_ids: list[int], sampling: p.SamplingParams, kind: str) -> InFlight:
         """Admit and dispatch a validated request, or raise APIError (503 no workers, 429 full)."""
         role = self.registry.entry_role()
+        retry_s = self.settings.gateway.retry_after_s
         if role is None:
-            raise APIError(503, "no live workers: the service is starting or its workers are down",
-                           code="no_workers")
+            raise retry_later(503, NO_WORKERS, retry_s, code="no_workers")
         if self.pending >= self.settings.gateway.max_pending:
-            retry = str(self.settings.gateway.retry_after_s)
-            raise APIError(429, "too many requests are waiting for their first token; retry later",
-                           code="queue_full", headers={"Retry-After": retry})
+            raise retry_later(429, "too many requests are waiting for their first token; retry later", retry_s,
+                              code="queue_full")
         worker = self.registry.pick(role, len(prompt_token_ids))
         assert worker is not None  # entry_role saw one alive
         now = time.time()
@@ -159,7 +159,10 @@ class Dispatcher:
             while True:
                 event = await flight.events.get()  # the deadline timer ends a request that takes too long
                 if event.error is not None:
-                    raise APIError(event.status if event.status >= 400 else 500, event.error)
+                    status = event.status if event.status >= 400 else 500
+                    if status in (429, 503):  # overload or no worker left: worth a retry, later
+                        raise retry_later(status, event.error, self.settings.gateway.retry_after_s)
+                    raise APIError(status, event.error)
                 yield event
                 if event.finished:
                     return

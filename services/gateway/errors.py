@@ -28,6 +28,11 @@ class APIError(Exception):
         return error_body(self.status, self.message, self.param, self.code)
 
 
+def retry_later(status: int, message: str, retry_after_s: int, code: str | None = None) -> APIError:
+    """A 429 or 503 that tells the client when to try again (every overload and outage answer has one)."""
+    return APIError(status, message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": code}}

@@ -282,6 +282,7 @@ def test_no_workers_is_503(redis_server: RedisServer) -> None:
         try:
             response = httpx.post(f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "hi"})
             assert response.status_code == 503 and response.json()["error"]["code"] == "no_workers"
+            assert response.headers["retry-after"] == "1"
             assert httpx.get(f"{stack.url}/health").status_code == 503
         finally:
             stack.stop()
