@@ -109,7 +109,7 @@ class TcpTransport(KVTransport):
                     return  # the puller closed its pooled connection
                 if magic != MAGIC:
                     return
-                transfer_id = (await _recv_exact(conn, length)).decode()
+                transfer_id = (await _recv_exact(conn, length)).decode(errors="replace")
                 views = self._offers.get(transfer_id)
                 if views is None:
                     await loop.sock_sendall(conn, _REPLY.pack(_UNKNOWN, 0))

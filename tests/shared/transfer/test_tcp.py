@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from shared.transfer import TransferError, create_transport
+from shared.transfer.tcp import parse_address
+from tests.shared.transfer.conftest import transport_pair
 
 
 async def test_silent_or_absent_peer_is_an_error_not_a_hang() -> None:
@@ -69,3 +72,19 @@ def test_registry_names_transports() -> None:
     assert create_transport("tcp").name == "tcp"
     with pytest.raises(ValueError, match="unknown KV transport"):
         create_transport("carrier-pigeon")
+
+
+async def test_garbage_on_the_port_is_dropped_and_pulls_go_on() -> None:
+    async with transport_pair("tcp") as (server, client):
+        views = [torch.randn(4, 3, 64)]
+        server.offer("x", views)
+        host, port = parse_address(server.address)
+        for payload in (os.urandom(4096), b"DSKV\x00\x04\xff\xfe\xfd\xfc", b"DSKV\xff\xff" + b"\0" * 10, b""):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(payload)
+            await writer.drain()
+            writer.close()
+        await asyncio.sleep(0.2)
+        dest = [torch.empty(4, 3, 64)]
+        await client.pull(server.address, "x", dest, timeout=5)
+        assert torch.equal(dest[0], views[0])

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,33 @@ def test_registry_names_ucx_and_auto_prefers_it(monkeypatch: pytest.MonkeyPatch)
     assert create_transport("auto").name == "tcp"
     with pytest.raises(ValueError, match="not available"):
         create_transport("ucx")
+
+
+async def test_garbage_pull_requests_are_dropped_and_pulls_go_on(pair: tuple[KVTransport, KVTransport]) -> None:
+    """Tagged messages a peer could send: random bytes, a bad id, an absurd timeout, and reply addresses
+    that are not worker addresses (one of another UCX address version made UCX abort the process)."""
+    from ucxx._lib.arr import Array
+
+    from shared.transfer.ucx import _REQUEST, MAGIC, REQUEST_TAG, Tag, UcxTransport, parse_address
+
+    server, client = pair
+    assert isinstance(client, UcxTransport) and client._progress is not None
+    views = [torch.randn(4, 3, 64)]
+    server.offer("x", views)
+    size = np.asarray([views[0].nbytes], dtype="<u8").tobytes()
+    own = client._worker.address.tobytes()
+    other_version = bytes([(own[0] & 0xF0) | ((own[0] + 5) & 0x0F)]) + own[1:]
+
+    def request(transfer_id: bytes, address: bytes, timeout: float = 1.0) -> bytes:
+        return _REQUEST.pack(MAGIC, 1 << 63, timeout, len(transfer_id), len(address), 1) + transfer_id + address + size
+
+    messages = [os.urandom(100), request(b"\xff\xfe", own), request(b"x", own, timeout=1e30),
+                request(b"x", other_version), request(b"x", own[:1] + os.urandom(len(own) - 1)), request(b"x", b"")]
+    ep = client._endpoint(parse_address(server.address))
+    for message in messages:
+        buf = np.frombuffer(message, dtype=np.uint8).copy()
+        await client._progress.wait([ep.tag_send(Array(buf), Tag(REQUEST_TAG))], buf)
+    await asyncio.sleep(0.3)
+    dest = [torch.empty(4, 3, 64)]
+    await client.pull(server.address, "x", dest, timeout=5)
+    assert torch.equal(dest[0], views[0])
