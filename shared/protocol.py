@@ -20,9 +20,10 @@ Flow (docs/architecture.md has the numbered steps):
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import re
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from shared.config import Role
 from shared.sampling_params import SamplingParams
@@ -31,6 +32,13 @@ PROTOCOL_VERSION = 1
 PREFIX = f"distserve.v{PROTOCOL_VERSION}"
 
 __all__ = ["PREFIX", "Role", "SamplingParams"]  # re-exported: the wire carries them
+
+
+# What a worker accepts as a request id and as the subject it answers to: anything else is dropped as
+# malformed at parse time (a reply subject outside the gateways' inboxes would take tokens elsewhere).
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ReplySubject = Annotated[str, StringConstraints(
+    pattern=rf"^{re.escape(PREFIX)}\.gateway\.[A-Za-z0-9_-]{{1,64}}\.tokens$")]
 
 
 class Subjects:
@@ -116,10 +124,10 @@ class WorkerBye(Message):
 class PrefillRequest(Message):
     """A tokenized request for a prefill (or colocated) worker."""
 
-    request_id: str
+    request_id: RequestId
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    reply_to: str  # the gateway's tokens subject
+    reply_to: ReplySubject  # the gateway's tokens subject
     arrived_at: float  # wall-clock time the gateway accepted it
     # A migrated request (its worker died): the tokens already streamed and how many characters of
     # their text the client has; the worker computes their KV too and continues after them.
@@ -163,8 +171,8 @@ class KVHandle(BaseModel):
 
 
 class DecodeRequest(Message):
-    request_id: str
-    reply_to: str
+    request_id: RequestId
+    reply_to: ReplySubject
     kv: KVHandle
     # A migrated request whose KV no prefill worker holds any more (its decode worker died mid-stream):
     # pull nothing, compute the KV here from kv.meta's tokens (the prompt and every token streamed).
@@ -174,12 +182,12 @@ class DecodeRequest(Message):
 class KVRelease(Message):
     """Decode has the KV (or gave up on it): the prefill worker may free its blocks."""
 
-    request_id: str
+    request_id: RequestId
     pulled: bool = True
 
 
 class AbortRequest(Message):
-    request_id: str
+    request_id: RequestId
     reason: str = "client disconnected"
     instance_id: str | None = None  # only this worker acts on it (a request migrated away); None: every worker
 

@@ -257,7 +257,10 @@ class Worker(ABC):
         for reply_to, event in events:
             by_inbox.setdefault(reply_to, []).append(event)
         for reply_to, batch in by_inbox.items():
-            await self.publish(reply_to, p.TokenBatch(instance_id=self.instance_id, events=batch))
+            try:
+                await self.publish(reply_to, p.TokenBatch(instance_id=self.instance_id, events=batch))
+            except Exception as exc:  # one gateway's failure is not the other gateways' (NATS closed: all fail)
+                log.warning("%s: tokens for %s not sent: %s", self.instance_id, reply_to, exc)
         # The NATS client writes from its flusher task: let it run now, before the caller's bookkeeping
         # (a first token reached the gateway about 0.1 ms sooner in an instrumented run).
         await asyncio.sleep(0)

@@ -65,7 +65,7 @@ async def test_requests_go_to_the_least_loaded_prefill_worker(nats_client: NATS)
     await dispatcher.close()
 
 
-async def test_a_silent_worker_fails_its_requests_instead_of_hanging(nats_client: NATS) -> None:
+async def test_a_silent_worker_with_no_spare_fails_its_requests_instead_of_hanging(nats_client: NATS) -> None:
     dispatcher = _dispatcher(nats_client)
     await dispatcher.start()
     dispatcher.registry.update(_worker("p", "prefill"))
@@ -75,7 +75,9 @@ async def test_a_silent_worker_fails_its_requests_instead_of_hanging(nats_client
     with pytest.raises(APIError) as excinfo:
         async for _ in dispatcher.stream(flight):
             pass
-    assert excinfo.value.status == 503 and "gone" in excinfo.value.message
+    message = excinfo.value.message  # no other prefill worker to migrate to
+    assert excinfo.value.status == 503 and "stopped reporting" in message and "no live prefill worker" in message
+    assert excinfo.value.headers == {"Retry-After": "1"}
     assert time.monotonic() - started < 10
     await dispatcher.close()
 
