@@ -7,11 +7,10 @@ import asyncio
 import json
 import sys
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.launcher import stack_file
-from shared.state import format_request, read_request, recent_requests
+from shared.state import connect_redis, format_request, read_request, recent_requests
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +34,7 @@ def redis_url(given: str | None) -> str:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client = aioredis.from_url(redis_url(args.redis_url))
+    client = connect_redis(redis_url(args.redis_url))
     try:
         if args.action == "show":
             state = await read_request(client, args.request_id)

@@ -6,8 +6,9 @@ through `StateWriter.update(request_id, **fields)`, which mypy checks against it
 buffers them (bounded) and flushes in pipelined batches from a background task, a few milliseconds
 after the first write of a batch: a Redis round trip never sits on the token path (nor does building
 the pipeline, which would otherwise run in the very next loop iteration, ahead of the NATS publish
-or the token send that the same event started), and a slow or absent Redis costs dropped state, not
-latency.
+or the token send that the same event started), and a slow or absent Redis costs nothing on the token
+path: writes that fail stay buffered (bounded) and are retried with backoff, so the state of requests
+served during a Redis outage lands once it is back.
 
 Timestamps are wall-clock seconds (time.time()); `distserve requests show ID` prints the timeline.
 """
@@ -30,6 +31,8 @@ from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
+_TIMEOUT_S = 5.0
+_RETRY_MAX_S = 5.0  # writes to an unreachable Redis are retried this often at most
 KEY_PREFIX = "distserve:request:"
 INDEX_KEY = "distserve:requests"  # sorted set: request id by arrival time
 INDEX_MAX = 10_000
@@ -77,6 +80,11 @@ class RequestFields(TypedDict, total=False):
     decode_compute_s: float  # time in the decode steps that produced its tokens
 
 
+def connect_redis(url: str) -> aioredis.Redis:
+    """A client that gives up on a stalled server (every service's, so none waits on Redis forever)."""
+    return aioredis.from_url(url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S)
+
+
 def request_key(request_id: str) -> str:
     return KEY_PREFIX + request_id
 
@@ -96,7 +104,6 @@ class StateWriter:
         self.written = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._error_logged = 0.0
 
     def update(self, request_id: str, **fields: Unpack[RequestFields]) -> None:
         if self.client is None:
@@ -123,6 +130,7 @@ class StateWriter:
                 await self._flush()
 
     async def _run(self) -> None:
+        failures = 0
         while True:
             await self._wake.wait()
             await asyncio.sleep(self.window_s)
@@ -130,9 +138,15 @@ class StateWriter:
             try:
                 await self._flush()
             except (RedisError, OSError) as exc:
-                if time.monotonic() - self._error_logged > 10:
-                    log.warning("request state not written to Redis: %s", exc)
-                    self._error_logged = time.monotonic()
+                failures += 1
+                if failures == 1:
+                    log.warning("request state not written to Redis (%s); buffering it and retrying", exc)
+                await asyncio.sleep(min(0.25 * 2 ** (failures - 1), _RETRY_MAX_S))
+            else:
+                if failures:
+                    log.warning("request state written to Redis again (%d requests' fields waiting)",
+                                len(self.pending))
+                failures = 0
             if self.pending:
                 self._wake.set()
 
@@ -152,9 +166,18 @@ class StateWriter:
         try:
             await pipe.execute()
         except (RedisError, OSError):
-            self.dropped += len(batch)
+            self._requeue(batch)
             raise
         self.written += len(batch)
+
+    def _requeue(self, batch: dict[str, dict[str, Any]]) -> None:
+        """A failed batch goes back under the fields written since (newer values win), within the bound."""
+        for rid, fields in batch.items():
+            newer = self.pending.pop(rid, None)
+            if len(self.pending) >= self.max_buffer:
+                self.dropped += 1
+                continue
+            self.pending[rid] = fields | (newer or {})
 
 
 def _encode(value: Any) -> str:

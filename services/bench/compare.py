@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, get_args
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, model_validator
 from rich.console import Console
 from rich.table import Table
@@ -52,7 +51,7 @@ from shared.argtypes import names_from
 from shared.config import Auto, DType, EngineSettings, Settings, Weights, load_settings
 from shared.cpus import available_cpus, pin_process
 from shared.servers import free_port
-from shared.state import Phase, read_request, read_steps, recent_requests
+from shared.state import Phase, connect_redis, read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
 
 # name -> what it runs on `cores` cores (each role's threads are set explicitly; the 3-worker ones run 1.5x
@@ -195,7 +194,7 @@ def phase_breakdown(timelines: Sequence[Mapping[str, str]]) -> dict[str, dict[st
 async def fetch_steps(redis_url: str, since: float) -> dict[str, list[dict[str, Any]]]:
     """The engine steps each worker recorded (shared.state.read_steps) that ended after ``since``."""
     await asyncio.sleep(STEP_FLUSH_S)  # workers push their records every second
-    client = aioredis.from_url(redis_url)
+    client = connect_redis(redis_url)
     try:
         return {name: [r for r in records if r["ended"] >= since]
                 for name, records in (await read_steps(client)).items()}
@@ -205,7 +204,7 @@ async def fetch_steps(redis_url: str, since: float) -> dict[str, list[dict[str, 
 
 async def fetch_timelines(redis_url: str, count: int) -> list[dict[str, str]]:
     """The ``count`` most recent request states of a stack (id added as 'request_id')."""
-    client = aioredis.from_url(redis_url)
+    client = connect_redis(redis_url)
     try:
         states = []
         for request_id in await recent_requests(client, count):

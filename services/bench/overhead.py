@@ -35,14 +35,13 @@ from urllib.parse import urlsplit
 
 import httptools
 import httpx
-import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
 from services.launcher import Stack
 from shared.config import load_settings
 from shared.servers import free_port
-from shared.state import Phase, read_request
+from shared.state import Phase, connect_redis, read_request
 from shared.tokenizer import Tokenizer, load_tokenizer
 
 # The TTFT overhead hop by hop: (label, from, to): phases of the request's state, and the client's own
@@ -130,7 +129,7 @@ def one_request(sock: socket.socket, body: dict[str, object]) -> tuple[str, floa
 
 async def measure(url: str, redis_url: str, model: str, prompts: list[str], output_tokens: int) -> list[Sample]:
     samples = []
-    redis = aioredis.from_url(redis_url)
+    redis = connect_redis(redis_url)
     address = urlsplit(url)
     sock = socket.create_connection((address.hostname or "127.0.0.1", address.port or 80), timeout=600)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

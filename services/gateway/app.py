@@ -12,7 +12,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -37,7 +36,7 @@ from shared.config import Settings
 from shared.control_plane import connect_nats
 from shared.model_files import model_display_name
 from shared.protocol import TokenEvent
-from shared.state import StateWriter
+from shared.state import StateWriter, connect_redis
 from shared.telemetry import Tracing
 from shared.tokenizer import Tokenizer, load_tokenizer
 
@@ -104,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nc = await connect_nats(settings.nats_address, "gateway")
-        redis = aioredis.from_url(settings.redis_url) if settings.redis_url else None
+        redis = connect_redis(settings.redis_url) if settings.redis_url else None
         state = StateWriter(redis, settings.request_ttl_s)
         state.start()
         gateway.dispatcher = Dispatcher(settings, nc, state, gateway.tracing, gateway.metrics, gateway.registry,

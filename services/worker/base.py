@@ -34,7 +34,7 @@ from shared.control_plane import connect_nats
 from shared.cpus import lower_priority
 from shared.engine import EngineConfig, LLMEngine, StepOutput
 from shared.protocol import M
-from shared.state import RequestFields, StateWriter, push_steps, steps_key
+from shared.state import RequestFields, StateWriter, connect_redis, push_steps, steps_key
 from shared.tasks import cancel_all
 from shared.telemetry import Tracing, extract_context
 from shared.transfer import KVTransport, create_transport
@@ -141,7 +141,7 @@ class Worker(ABC):
         self.engine = await asyncio.to_thread(self.build_engine)
         self.nc = await connect_nats(self.settings.nats_address, self.instance_id)
         if self.settings.redis_url:
-            self.redis = aioredis.from_url(self.settings.redis_url)
+            self.redis = connect_redis(self.settings.redis_url)
             self.state = StateWriter(self.redis, self.settings.request_ttl_s)
             self.state.start()
         if self.hands_off_kv:

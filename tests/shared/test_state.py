@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
 
 import redis.asyncio as aioredis
 
-from shared.state import StateWriter, format_request, read_request, recent_requests, request_key, timeline
+from shared.servers import RedisServer
+from shared.state import (
+    StateWriter,
+    connect_redis,
+    format_request,
+    read_request,
+    recent_requests,
+    request_key,
+    timeline,
+)
 
 
 async def test_writer_merges_fields_sets_ttl_and_indexes(redis_client: aioredis.Redis) -> None:
@@ -43,3 +55,24 @@ async def test_buffer_is_bounded_and_drops_count() -> None:
     assert writer.dropped == 3 and len(writer.pending) == 2
     await writer.close()  # an unreachable Redis costs dropped state, never an exception
     await unreachable.aclose()
+
+
+async def test_writes_during_an_outage_are_kept_and_land_when_redis_is_back() -> None:
+    with RedisServer() as server:
+        client = connect_redis(server.url)
+        writer = StateWriter(client, ttl_s=60, window_s=0.001)
+        writer.start()
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)  # Redis is down (restarted on the same port below)
+        writer.update("r1", arrived=1.0, status="queued")
+        await asyncio.sleep(0.5)  # a few failed flushes
+        writer.update("r1", status="finished")  # newer fields merge over the ones being retried
+        assert writer.written == 0 and writer.dropped == 0
+        await asyncio.to_thread(server.restart)
+        for _ in range(100):
+            if writer.written:
+                break
+            await asyncio.sleep(0.1)
+        assert await read_request(client, "r1") == {"arrived": "1.0", "status": "finished"}
+        await writer.close()
+        await client.aclose()
