@@ -11,8 +11,14 @@ gateway keeps every token it streamed, and continues the request on another work
 was in. A prefill goes to another prefill worker; a decode goes to another decode worker, which
 pulls the KV again if no token was decoded yet (a prefill worker still holds it), else recomputes it
 from the prompt and the tokens streamed so far. Sampling is a function of the seed and the token's
-index, so the client sees one uninterrupted stream. Past `migration_limit`, or with no worker of
-the phase within `migration_wait_s`, the request ends with a 503; none is left waiting forever.
+index, so the client sees one uninterrupted stream. Tokens lost in transit (a worker's NATS buffer
+overflowed during an outage) show as a gap in the token index, and migrate the request the same way.
+Past `migration_limit`, or with no worker of the phase within `migration_wait_s`, the request ends
+with a 503; none is left waiting forever.
+
+While this gateway's own NATS connection is down, the workers' silence is its own link's: nobody is
+pruned, and requests wait for the connection (the clients buffer what they publish) until
+`nats_outage_s`, when they end with a 503.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ class Dispatcher:
         self.registry = registry
         self.inflight: dict[str, InFlight] = {}
         self._prune_task: asyncio.Task[None] | None = None
+        self._nats_down_since: float | None = None  # monotonic
 
     async def start(self) -> None:
         await self.nc.subscribe(p.Subjects.heartbeat, cb=self._on_heartbeat)
@@ -116,6 +123,8 @@ class Dispatcher:
         retry_s = self.settings.gateway.retry_after_s
         if role is None:
             raise retry_later(503, NO_WORKERS, retry_s, code="no_workers")
+        if self._nats_outage_over_bound():
+            raise retry_later(503, self._nats_outage_message(), retry_s, code="control_plane_unavailable")
         if self.pending >= self.settings.gateway.max_pending:
             raise retry_later(429, "too many requests are waiting for their first token; retry later", retry_s,
                               code="queue_full")
@@ -201,8 +210,30 @@ class Dispatcher:
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(_PRUNE_INTERVAL_S)
+            if not self.nc.is_connected:  # judge no worker by a silence that is our own link's
+                if self._nats_down_since is None:
+                    self._nats_down_since = time.monotonic()
+                if self._nats_outage_over_bound():
+                    for flight in list(self.inflight.values()):
+                        self._fail(flight, 503, self._nats_outage_message())
+                continue
+            if self._nats_down_since is not None:  # back: every worker gets a full dead_after_s to report again
+                self._nats_down_since = None
+                self.registry.touch_all()
             for inst in self.registry.prune():
                 self._lost(inst.instance_id, "stopped reporting")
+
+    @property
+    def control_plane_down(self) -> bool:
+        """Whether this gateway's NATS connection is down (as of the last prune pass)."""
+        return self._nats_down_since is not None
+
+    def _nats_outage_over_bound(self) -> bool:
+        since = self._nats_down_since
+        return since is not None and time.monotonic() - since > self.settings.gateway.nats_outage_s
+
+    def _nats_outage_message(self) -> str:
+        return f"the control plane (NATS) has been unreachable for over {self.settings.gateway.nats_outage_s:g} s"
 
     def _lost(self, instance_id: str, what: str, avoid: bool = True) -> None:
         """A worker is gone (or restarted, `avoid=False`: its new process may take the requests back)."""
@@ -236,6 +267,11 @@ class Dispatcher:
             else:
                 self._fail(flight, event.status, event.error)
             return
+        expected = len(flight.output_token_ids) + 1
+        if event.num_output_tokens != expected:
+            if event.num_output_tokens > expected:  # lost in transit: continue from the tokens we have
+                self._migrate(flight, f"tokens {expected}-{event.num_output_tokens - 1} were lost in transit")
+            return  # (a repeat of one already streamed: dropped)
         flight.output_token_ids.append(event.token_id)
         flight.emitted_chars += len(event.text)
         if not flight.first_token_at:

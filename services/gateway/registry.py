@@ -60,6 +60,12 @@ class Registry:
         self.instances[info.instance_id] = Instance(info, now)
         return True
 
+    def touch_all(self, now: float | None = None) -> None:
+        """Count every instance as just heard from (after an outage of our own: their silence was ours)."""
+        now = time.monotonic() if now is None else now
+        for inst in self.instances.values():
+            inst.last_seen = now
+
     def remove(self, instance_id: str) -> Instance | None:
         return self.instances.pop(instance_id, None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 import pytest
@@ -92,3 +93,87 @@ async def test_a_request_past_its_timeout_ends_with_504(nats_client: NATS) -> No
             pass
     assert excinfo.value.status == 504 and flight.done and not dispatcher.inflight
     await dispatcher.close()
+
+
+def _handle(request_id: str, prompt: list[int], first: int) -> p.KVHandle:
+    meta = p.KVMeta(request_id=request_id, prompt_token_ids=prompt, output_token_ids=[first],
+                    params=p.SamplingParams(max_tokens=16), num_kv_tokens=len(prompt), num_blocks=1, block_size=16,
+                    block_nbytes=1024, output_text="A", num_emitted_chars=1)
+    return p.KVHandle(prefill_instance="p", transport="tcp", address="tcp://127.0.0.1:1", transfer_id=request_id,
+                      nbytes=1024, meta=meta)
+
+
+async def test_tokens_lost_in_transit_migrate_the_request_to_a_recompute(nats_client: NATS) -> None:
+    dispatcher = _dispatcher(nats_client)
+    await dispatcher.start()
+    for instance, role in (("p", "prefill"), ("d1", "decode"), ("d2", "decode")):
+        dispatcher.registry.update(_worker(instance, role))
+    sent: list[tuple[str, p.DecodeRequest]] = []
+
+    async def on_decode(msg: object) -> None:
+        sent.append((msg.subject, p.decode(p.DecodeRequest, msg.data)))  # type: ignore[attr-defined]
+
+    await nats_client.subscribe(p.Subjects.all_submits("decode"), cb=on_decode)
+    flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(max_tokens=16), "cmpl")
+
+    async def tokens(instance: str, *events: p.TokenEvent) -> None:
+        await nats_client.publish(dispatcher.inbox, p.TokenBatch(instance_id=instance, events=list(events)).encode())
+        await nats_client.flush()
+
+    async def until(check: object) -> None:
+        for _ in range(250):
+            if check():  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail("timed out")
+
+    rid = flight.request_id
+    await tokens("p", p.TokenEvent(request_id=rid, token_id=65, text="A", num_output_tokens=1,
+                                   kv=_handle(rid, [1, 2, 3], 65)))
+    await until(lambda: len(sent) == 1)
+    first = flight.instance
+    await tokens(first, p.TokenEvent(request_id=rid, token_id=66, text="B", num_output_tokens=2))
+    await tokens("elsewhere", p.TokenEvent(request_id=rid, token_id=99, text="?", num_output_tokens=3))  # not its
+    await tokens(first, p.TokenEvent(request_id=rid, token_id=68, text="D", num_output_tokens=4))  # 3 never came
+    await until(lambda: len(sent) == 2)
+    subject, resumed = sent[1]
+    assert subject == p.Subjects.submit("decode", "d2" if first == "d1" else "d1") and resumed.recompute
+    assert resumed.kv.meta.output_token_ids == [65, 66] and resumed.kv.meta.num_emitted_chars == 2
+    assert resumed.kv.meta.num_kv_tokens == 4 and flight.migrations == 1
+    texts = []
+    while not flight.events.empty():
+        texts.append(flight.events.get_nowait().text)
+    assert texts == ["A", "B"]
+    await dispatcher.close()
+
+
+async def test_a_lost_nats_connection_prunes_nobody_and_ends_requests_after_the_bound() -> None:
+    from shared.control_plane import connect_nats
+    from shared.servers import NatsServer
+
+    with NatsServer() as server:
+        nc = await connect_nats(server.url, "test")
+        dispatcher = _dispatcher(nc, nats_outage_s=1.5)
+        await dispatcher.start()
+        dispatcher.registry.update(_worker("p", "prefill"))
+        dispatcher.registry.update(_worker("d", "decode"))
+        flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(APIError) as excinfo:
+            async for _ in dispatcher.stream(flight):
+                pass
+        assert "unreachable" in excinfo.value.message and 1.5 < time.monotonic() - started < 5
+        assert {i.instance_id for i in dispatcher.registry.instances.values()} == {"p", "d"}  # nobody pruned
+        with pytest.raises(APIError, match="unreachable"):
+            await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")
+        assert dispatcher.control_plane_down
+        await asyncio.to_thread(server.restart)
+        for _ in range(200):
+            if not dispatcher.control_plane_down:  # the prune loop saw the connection back...
+                break
+            await asyncio.sleep(0.02)
+        assert dispatcher.registry.alive("prefill")  # ...and gave the workers a fresh dead_after_s
+        await dispatcher.close()
+        await nc.close()
