@@ -24,6 +24,7 @@ def _non_empty(stops: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # The constrained fields, shared with the gateway's request bodies (services/gateway/schemas.py).
+GREEDY_TEMPERATURE = 1e-5
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, AfterValidator(_top_k), Field(description="-1 disables; otherwise keep the k most likely")]
@@ -48,4 +49,6 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below GREEDY_TEMPERATURE the distribution is the argmax anyway, and dividing logits by a
+        # temperature like 1e-310 overflows them to inf (a fuzzed request crashed the engine so).
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

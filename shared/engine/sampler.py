@@ -24,7 +24,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], generator: torch.Generator
         p = seq.params
         if p.greedy:
             continue
-        scores = logits[row] / p.temperature
+        scores = logits[row].float() / p.temperature
         if p.top_k > 0 and p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -35,6 +35,8 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], generator: torch.Generator
             drop = (cumulative - sorted_scores.softmax(-1)) >= p.top_p
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = scores.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # non-finite logits: this row keeps its greedy token,
+            continue  # the engine and the other requests of the batch go on
         g = step_generator(p.seed, seq.num_output_tokens) if p.seed is not None else generator
         tokens[row] = int(torch.multinomial(probs, 1, generator=g))
     return tokens

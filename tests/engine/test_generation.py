@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from shared.engine import LLMEngine, SamplingParams, StepOutput
+from shared.engine.sampler import sample
+from shared.engine.sequence import Sequence
 from tests.engine.conftest import make_engine, move_kv, run_to_completion
 
 PROMPTS = [
@@ -167,6 +169,19 @@ def test_seeded_sampling_is_reproducible(engine: LLMEngine) -> None:
     c = generate_alone(engine, PROMPTS[0], params.model_copy(update={"seed": 99}))
     assert a == b
     assert a != c
+
+
+def test_extreme_sampling_values_never_break_a_step(engine: LLMEngine) -> None:
+    """A temperature of 1e-310 divided logits into infinities (NaN probabilities); it is greedy now."""
+    greedy = generate_alone(engine, PROMPTS[0], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for temperature, top_p in ((1e-310, 1.0), (5e-324, 1e-300), (1e-6, 1.0)):
+        params = SamplingParams(max_tokens=6, temperature=temperature, top_p=top_p, ignore_eos=True)
+        assert params.greedy and generate_alone(engine, PROMPTS[0], params) == greedy
+    tiny_p = SamplingParams(max_tokens=6, temperature=2.0, top_p=5e-324, seed=1, ignore_eos=True)
+    assert generate_alone(engine, PROMPTS[0], tiny_p) == greedy  # only the most likely token is left
+    seq = Sequence("r", [1, 2], SamplingParams(temperature=1.0, seed=1), engine.tokenizer)
+    logits = torch.full((1, 8), float("nan"))
+    assert sample(logits, [seq], torch.Generator()) == [0]  # non-finite logits: its greedy token, no error
 
 
 def test_stop_strings_and_stop_tokens(engine: LLMEngine) -> None:
