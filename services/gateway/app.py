@@ -126,6 +126,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     _routes(app)
+    _with_body_parts(app)
     return app
 
 
@@ -169,9 +170,26 @@ async def _parse(request: Request, model: type[B]) -> B:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
+_BODY_PARTS: dict[str, Any] = {}  # the nested models of the bodies below, for the document's components
+
+
 def _json_body(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI description of a body that the route parses itself."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+    """The OpenAPI description of a body that the route parses itself (its nested models are referenced
+    from the document's components, where `_with_body_parts` puts them)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _BODY_PARTS.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _with_body_parts(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generate().setdefault("components", {}).setdefault("schemas", {}).update(_BODY_PARTS)
+        return app.openapi_schema  # type: ignore[return-value]  # generate() set it
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _routes(app: FastAPI) -> None:
