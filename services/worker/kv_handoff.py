@@ -25,7 +25,9 @@ Decode side, `KVReceiver`
     gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
     prefills the request here into the reserved blocks (the same continuation: a seeded sample
     depends only on the seed and the token's index); `fail` frees the reservation and the request
-    ends with 502. Either way KVRelease(pulled=False). A migrated request whose tokens were decoded
+    ends with 502. A pull that failed with bytes still on their way (`TransferError.exposed`: a link
+    cut mid-transfer, then back) leaves its blocks set aside until nothing more can land in them; the
+    recompute fills fresh ones. Either way KVRelease(pulled=False). A migrated request whose tokens were decoded
     elsewhere (DecodeRequest.recompute: its decode worker died) pulls nothing: it is recomputed from
     the prompt and every token streamed so far, and no KVRelease is sent.
  8. An abort, at any point: queued, it leaves the queue; pulling, its reservation is freed when the
@@ -230,6 +232,10 @@ class KVReceiver:
     async def _failed(self, incoming: _Incoming, started: float, exc: TransferError) -> None:
         request_id, policy = incoming.request.request_id, self.settings.kv_failure_policy
         log.warning("%s: KV pull of %s failed (%s); policy %s", self.worker.instance_id, request_id, exc, policy)
+        if exc.exposed is not None:  # late bytes of the pull may still land in its blocks: never reuse them
+            set_aside = await self.worker.engine_call(
+                functools.partial(LLMEngine.kv_import_set_aside, request_id=request_id))
+            self.worker.spawn(self._free_when_settled(set_aside, exc.exposed))
         if incoming.aborted or policy == "fail":
             self._drop(request_id)
             if not incoming.aborted:
@@ -246,6 +252,13 @@ class KVReceiver:
             self._drop(request_id)
             return
         await self._settle(incoming, Arrival(request_id, "recomputed", started, time.time(), error=reason))
+
+    async def _free_when_settled(self, blocks: list[int], exposed: Callable[[], bool]) -> None:
+        while exposed():
+            await asyncio.sleep(0.5)
+        await self.worker.engine_call(functools.partial(LLMEngine.free_set_aside, blocks=blocks))
+        self.room()
+        self.worker.report_soon()
 
     async def _settle(self, incoming: _Incoming, arrival: Arrival) -> None:
         """The request leaves the hand-off: the prefill worker may free its copy; the worker takes over."""

@@ -265,6 +265,18 @@ class LLMEngine:
         with self.lock:
             self.scheduler.recompute_import(request_id).kv_staging = None
 
+    def kv_import_set_aside(self, request_id: str) -> list[int]:
+        """A failed transfer may still write into the request's reserved blocks: they leave it, still
+        allocated (the recompute, or the abort, works on fresh ones), until `free_set_aside`."""
+        with self.lock:
+            seq = self.scheduler.importing[request_id]
+            blocks, seq.block_table = seq.block_table, []
+            return blocks
+
+    def free_set_aside(self, blocks: list[int]) -> None:
+        with self.lock:
+            self.blocks.free(blocks)
+
     def kv_import_abort(self, request_id: str) -> None:
         with self.lock:
             if request_id in self.scheduler.importing:

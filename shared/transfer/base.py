@@ -19,7 +19,7 @@ import asyncio
 import importlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,7 +31,15 @@ log = logging.getLogger(__name__)
 
 
 class TransferError(RuntimeError):
-    """A pull failed: unknown transfer id, size mismatch, peer gone, timeout."""
+    """A pull failed: unknown transfer id, size mismatch, peer gone, timeout.
+
+    `exposed`, where set, says whether bytes of the failed pull may still land in its destination
+    (a receive the transport could not retire): until it returns False, that memory must not be reused.
+    """
+
+    def __init__(self, message: str, exposed: Callable[[], bool] | None = None) -> None:
+        super().__init__(message)
+        self.exposed = exposed
 
 
 @dataclass(frozen=True)

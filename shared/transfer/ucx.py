@@ -35,7 +35,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -354,31 +354,45 @@ class UcxTransport(KVTransport):
             async with asyncio.timeout(timeout):
                 nbytes = await self._pull(peer, key, targets, timeout, posted)
         except TimeoutError as exc:
-            self._retire(posted)
-            raise TransferError(f"pull of {transfer_id!r} from a ucx peer timed out after {timeout}s") from exc
+            exposed = self._retire(posted, peer, targets)
+            raise TransferError(f"pull of {transfer_id!r} from a ucx peer timed out after {timeout}s",
+                                exposed) from exc
         except UCXError as exc:
-            self._retire(posted)
-            raise TransferError(f"pull of {transfer_id!r} from a ucx peer failed: {exc}") from exc
+            exposed = self._retire(posted, peer, targets)
+            raise TransferError(f"pull of {transfer_id!r} from a ucx peer failed: {exc}", exposed) from exc
         except BaseException:
-            self._retire(posted)
+            self._retire(posted, peer, targets)
             raise
         return TransferStats(nbytes, time.perf_counter() - start, self.name)
 
-    def _retire(self, posted: list[tuple[Any, int]]) -> None:
-        """Complete a failed pull's pending receives with one-byte messages from ourselves, so that
-        no late message from the peer lands in memory the caller reuses after the error. (ucxx has no
-        per-request cancel; closing the endpoint would also break the peer's connection back to us.)"""
+    def _retire(self, posted: list[tuple[Any, int]], peer: bytes,
+                targets: list[memoryview]) -> Callable[[], bool] | None:
+        """Complete a failed pull's pending receives, so that no late message from the peer lands in
+        memory the caller reuses after the error: first with one-byte messages from ourselves (ucxx has
+        no per-request cancel); a receive already matched by a transfer under way (a link cut mid-pull,
+        then back) takes closing the endpoint to the peer, which cancels what it has in flight. What
+        still has not completed is returned as `exposed` (TransferError): its memory is not reusable yet."""
         pending = [(req, tag) for req, tag in posted if not req.completed]
         if not pending or self._progress is None:
-            return
+            return None
         ep = self._endpoint(self._worker.address.tobytes())
         poison = b"\0"
         sends = [ep.tag_send(Array(poison), Tag(tag)) for _, tag in pending]
         for _ in range(3):
             self._progress.drive()
-        if not all(req.completed for req, _ in pending):  # matched by a transfer already under way
-            log.warning("a failed KV pull still has %d receives in flight", sum(not r.completed for r, _ in pending))
+        receives = [req for req, _ in pending if not req.completed]
         self._progress.adopt(sends, poison)
+        if not receives:
+            return None
+        self._forget(peer)
+        for _ in range(3):
+            self._progress.drive()
+        self._progress.adopt(receives, targets)  # a staging buffer stays alive until they complete
+        if all(req.completed for req in receives):
+            return None
+        log.warning("a failed KV pull still has %d receives in flight; its destination stays reserved until they "
+                    "complete", sum(not r.completed for r in receives))
+        return lambda: not all(req.completed for req in receives)
 
     async def _pull(self, peer: bytes, key: bytes, targets: list[memoryview], timeout: float,
                     posted: list[tuple[Any, int]]) -> int:
