@@ -32,6 +32,7 @@ BENCH_MODULES: list[str] = [
     "services.bench.overhead",
     "services.bench.compare",
     "services.bench.transfer",
+    "services.bench.chaos",
 ]
 
 
