@@ -121,10 +121,10 @@ class GatewaySettings(_Section):
     request_timeout_s: float = Field(default=600.0, gt=0)
     migration_limit: int = Field(default=3, ge=0, description="times a request moves to another worker when "
                                  "its worker dies before it ends with an error (0: never)")
-    nats_outage_s: float = Field(default=15.0, gt=0, description="requests waiting on a lost NATS connection "
-                                 "end with 503 after this long")
     migration_wait_s: float = Field(default=1.5, ge=0, description="how long a request whose worker died waits "
                                     "for a live worker of its phase before it ends with 503")
+    nats_outage_s: float = Field(default=15.0, gt=0, description="requests waiting on a lost NATS connection "
+                                 "end with 503 after this long")
     slo_ttft_s: float = Field(default=2.0, gt=0, description="TTFT objective for the SLO-attainment metric")
     slo_tpot_s: float = Field(default=0.2, gt=0, description="TPOT objective for the SLO-attainment metric")
     api_keys: list[SecretStr] = Field(default=[], description="keys clients send as 'Authorization: Bearer KEY' "

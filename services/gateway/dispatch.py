@@ -238,7 +238,10 @@ class Dispatcher:
     def _lost(self, instance_id: str, what: str, avoid: bool = True) -> None:
         """A worker is gone (or restarted, `avoid=False`: its new process may take the requests back)."""
         served = [f for f in self.inflight.values() if f.instance == instance_id]
-        log.warning("worker %s %s; migrating its %d requests", instance_id, what, len(served))
+        if served:
+            log.warning("worker %s %s; migrating its %d requests", instance_id, what, len(served))
+        else:
+            log.info("worker %s %s", instance_id, what)
         for flight in served:
             self._migrate(flight, f"worker {instance_id} {what}", avoid=avoid)
 
@@ -329,7 +332,8 @@ class Dispatcher:
     async def _continue_elsewhere(self, flight: InFlight, role: p.Role, avoid: str | None, reason: str) -> None:
         wait_s = self.settings.gateway.migration_wait_s
         deadline = time.monotonic() + wait_s
-        while (worker := self.registry.pick(role, flight.prompt_tokens, avoid=avoid)) is None:
+        queued = flight.prompt_tokens if role != "decode" else 0  # what dispatch counts until the next report
+        while (worker := self.registry.pick(role, queued, avoid=avoid)) is None:
             if time.monotonic() > deadline:
                 self._fail(flight, 503, f"{reason}; no live {role} worker took the request within {wait_s:g} s")
                 return

@@ -25,11 +25,11 @@ Decode side, `KVReceiver`
     gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
     prefills the request here into the reserved blocks (the same continuation: a seeded sample
     depends only on the seed and the token's index); `fail` frees the reservation and the request
-    ends with 502. A pull that failed with bytes still on their way (`TransferError.exposed`: a link
-    cut mid-transfer, then back) leaves its blocks set aside until nothing more can land in them; the
-    recompute fills fresh ones. Either way KVRelease(pulled=False). A migrated request whose tokens were decoded
-    elsewhere (DecodeRequest.recompute: its decode worker died) pulls nothing: it is recomputed from
-    the prompt and every token streamed so far, and no KVRelease is sent.
+    ends with 502. Either way KVRelease(pulled=False). A pull that failed with bytes still on their
+    way (`TransferError.exposed`: a link cut mid-transfer, then back) leaves its blocks set aside until
+    nothing more can land in them; the recompute fills fresh ones. A migrated request whose tokens
+    were decoded elsewhere (DecodeRequest.recompute: its decode worker died) pulls nothing: it is
+    recomputed from the prompt and every token streamed so far, and no KVRelease is sent.
  8. An abort, at any point: queued, it leaves the queue; pulling, its reservation is freed when the
     pull returns; running, the engine frees it as any other request.
 

@@ -269,7 +269,9 @@ class LLMEngine:
         """A failed transfer may still write into the request's reserved blocks: they leave it, still
         allocated (the recompute, or the abort, works on fresh ones), until `free_set_aside`."""
         with self.lock:
-            seq = self.scheduler.importing[request_id]
+            seq = self.scheduler.importing.get(request_id)
+            if seq is None:
+                return []
             blocks, seq.block_table = seq.block_table, []
             return blocks
 

@@ -89,7 +89,7 @@ async def test_service_publishes_a_plan_from_live_traffic(nats_client: NATS, nat
     for i in range(12):
         rid = f"r{i}"
         req = PrefillRequest(request_id=rid, prompt_token_ids=[1] * 300, sampling=SamplingParams(max_tokens=50),
-                             reply_to="g", arrived_at=now - 5 + i * 0.1)
+                             reply_to=Subjects.tokens("g"), arrived_at=now - 5 + i * 0.1)
         await nats_client.publish(Subjects.submit("prefill", "p0"), req.encode())
         await nats_client.publish(Subjects.tokens("g"), TokenBatch(instance_id="p0", events=[
             TokenEvent(request_id=rid, token_id=1, num_prompt_tokens=300, num_output_tokens=1)]).encode())

@@ -1,4 +1,7 @@
-"""The gateway's dispatcher against a real NATS server: admission, routing, failure of dead workers."""
+"""The gateway's dispatcher against a real NATS server: admission, routing, migration, dead workers.
+
+Each test has a nats-server of its own: on the session's, the workers of the package's stack would
+report too, and dispatch (or a migration) could pick them."""
 
 from __future__ import annotations
 
@@ -6,7 +9,9 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -16,6 +21,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
 from shared import protocol as p
 from shared.config import load_settings
+from shared.servers import NatsServer
 from shared.state import StateWriter
 from shared.telemetry import Tracing
 
@@ -23,6 +29,14 @@ from shared.telemetry import Tracing
 def _worker(instance_id: str, role: p.Role, queued: int = 0) -> p.WorkerInfo:
     return p.WorkerInfo(instance_id=instance_id, role=role, model="m", max_model_len=256, pid=os.getpid(),
                         host="h", started_at=1.0, seq=1, load=p.WorkerLoad(queued_tokens=queued))
+
+
+@pytest.fixture
+async def nats_client() -> AsyncIterator[NATS]:
+    with NatsServer() as server:
+        client = await nats.connect(server.url)
+        yield client
+        await client.close()
 
 
 def _dispatcher(nc: NATS, **gateway: object) -> Dispatcher:
@@ -133,7 +147,7 @@ async def test_tokens_lost_in_transit_migrate_the_request_to_a_recompute(nats_cl
     await until(lambda: len(sent) == 1)
     first = flight.instance
     await tokens(first, p.TokenEvent(request_id=rid, token_id=66, text="B", num_output_tokens=2))
-    await tokens("elsewhere", p.TokenEvent(request_id=rid, token_id=99, text="?", num_output_tokens=3))  # not its
+    await tokens("elsewhere", p.TokenEvent(request_id=rid, token_id=99, text="?", num_output_tokens=3))  # stale
     await tokens(first, p.TokenEvent(request_id=rid, token_id=68, text="D", num_output_tokens=4))  # 3 never came
     await until(lambda: len(sent) == 2)
     subject, resumed = sent[1]
@@ -149,7 +163,6 @@ async def test_tokens_lost_in_transit_migrate_the_request_to_a_recompute(nats_cl
 
 async def test_a_lost_nats_connection_prunes_nobody_and_ends_requests_after_the_bound() -> None:
     from shared.control_plane import connect_nats
-    from shared.servers import NatsServer
 
     with NatsServer() as server:
         nc = await connect_nats(server.url, "test")
