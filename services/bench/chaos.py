@@ -181,7 +181,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=150)
     settings = load_settings({"model": args.model, "prefill_instances": 2, "decode_instances": 2,
                               "gateway": {"port": free_port()}, "worker": {"dead_after_s": 1.5},
                               "restart": "on-failure", "restart_limit": 10})
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
             latency = f"{p50:.2f} / {p99:.2f}" if p50 is not None and p99 is not None else ""
             table.add_row(name, str(len(outcomes)), str(same), str(len(completed) - same),
                           str(sum(1 for m in moved if m)), str(len(errors)), str(lost), latency)
-            for error in sorted({o.error or "" for o in errors})[:3]:
+            for error in sorted({o.error or "" for o in outcomes if o.error})[:3]:
                 console.print(f"  {name}: {error[:160]}")
         console.print(table)
         for name in args.faults:

@@ -11,8 +11,10 @@ gateway keeps every token it streamed, and continues the request on another work
 was in. A prefill goes to another prefill worker; a decode goes to another decode worker, which
 pulls the KV again if no token was decoded yet (a prefill worker still holds it), else recomputes it
 from the prompt and the tokens streamed so far. Sampling is a function of the seed and the token's
-index, so the client sees one uninterrupted stream. Tokens lost in transit (a worker's NATS buffer
-overflowed during an outage) show as a gap in the token index, and migrate the request the same way.
+index, so the client sees one uninterrupted stream. NATS delivers at most once, and a server that
+dies takes the messages it held with it: a request its worker does not list in two heartbeats in a
+row (`WorkerInfo.serving`: the submit never arrived, or its last token was lost) migrates, and so does
+one whose tokens show a gap in their index.
 Past `migration_limit`, or with no worker of the phase within `migration_wait_s`, the request ends
 with a 503; none is left waiting forever.
 
@@ -58,6 +60,8 @@ class InFlight:
     role: p.Role  # where it entered: prefill or colocated
     span: trace.Span
     instance: str = ""  # the worker that serves it now ("" while it migrates): only its events count
+    assigned_at: float = 0.0  # monotonic time it was sent to `instance`
+    unlisted: int = 0  # heartbeats of `instance` in a row that did not list it
     kv: p.KVHandle | None = None  # from the prefill worker's first token: where the KV waits
     output_token_ids: list[int] = field(default_factory=list)  # streamed so far (what a migration resumes)
     emitted_chars: int = 0
@@ -136,7 +140,7 @@ class Dispatcher:
                                                                "prompt_tokens": len(prompt_token_ids)})
         message = p.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
                                    reply_to=self.inbox, arrived_at=now)
-        flight = InFlight(message, role, span, instance=worker.instance_id)
+        flight = InFlight(message, role, span, instance=worker.instance_id, assigned_at=time.monotonic())
         self.inflight[request_id] = flight
         flight.deadline = asyncio.get_running_loop().call_later(
             self.settings.gateway.request_timeout_s, self._fail, flight, 504, "request timed out")
@@ -198,6 +202,23 @@ class Dispatcher:
                 log.info("worker %s (%s) joined", info.instance_id, info.role)
             else:  # a new process under a known id: what the old one served is gone with it
                 self._lost(info.instance_id, "restarted", avoid=False)
+        elif info.serving is not None:
+            self._reconcile(info.instance_id, set(info.serving))
+
+    def _reconcile(self, instance_id: str, serving: set[str]) -> None:
+        """Requests placed on this worker that it does not have: their message was lost (a NATS server
+        died with it). Two heartbeats in a row, and a settling time, before anything is concluded: a
+        submit may still be on its way, a last token may be handled after the heartbeat that follows it."""
+        settled = time.monotonic() - 2 * self.settings.worker.heartbeat_s
+        for flight in list(self.inflight.values()):
+            if flight.instance != instance_id:
+                continue
+            if flight.request_id in serving or flight.assigned_at > settled:
+                flight.unlisted = 0
+                continue
+            flight.unlisted += 1
+            if flight.unlisted >= 2:
+                self._migrate(flight, f"worker {instance_id} does not have it (a control message was lost)")
 
     async def _on_bye(self, msg: Msg) -> None:
         try:
@@ -302,13 +323,17 @@ class Dispatcher:
             flight.instance = ""
             asyncio.ensure_future(self._continue_elsewhere(flight, "decode", None, "waiting for a decode worker"))
             return
-        flight.instance = worker.instance_id
+        self._assign(flight, worker.instance_id)
         message = p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, kv=kv)
         publish = self._publish(p.Subjects.submit("decode", worker.instance_id), message, flight)
         # Its task starts on the next loop turn, after the handler that this first token wakes (the
         # caller queues the token next): the token is written to the client before this is encoded
         # and flushed (about 0.1 ms sooner here), and the decode worker gets it a moment later.
         asyncio.get_running_loop().call_soon(asyncio.ensure_future, publish)
+
+    @staticmethod
+    def _assign(flight: InFlight, instance_id: str) -> None:
+        flight.instance, flight.assigned_at, flight.unlisted = instance_id, time.monotonic(), 0
 
     # -- migration ----------------------------------------------------------------------------------
 
@@ -340,7 +365,7 @@ class Dispatcher:
             await asyncio.sleep(_PRUNE_INTERVAL_S / 2)
             if flight.done:  # the client left, or the request timed out, meanwhile
                 return
-        flight.instance = worker.instance_id
+        self._assign(flight, worker.instance_id)
         message: p.Message = self._resumed(flight, role)
         if flight.migrations:
             self._record_migration(flight, role, worker.instance_id, reason)

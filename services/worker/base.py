@@ -288,7 +288,7 @@ class Worker(ABC):
 
     # -- load reports ---------------------------------------------------------------------------------
 
-    def info(self) -> p.WorkerInfo:
+    def info(self, serving: bool = False) -> p.WorkerInfo:
         assert self.engine is not None
         self._seq += 1
         return p.WorkerInfo(
@@ -297,13 +297,14 @@ class Worker(ABC):
             started_at=self.started_at, seq=self._seq,
             transport=self.transport.name if self.transport else None,
             transfer_address=self.transport.address if self.transport else None, load=self.load(),
+            serving=list(self.requests) if serving else None,
         )
 
-    async def report(self) -> None:
+    async def report(self, serving: bool = False) -> None:
         self._last_report = time.monotonic()
         self._report_pending = False
         if self.nc is not None and self.nc.is_connected:
-            await self.publish(p.Subjects.heartbeat, self.info())
+            await self.publish(p.Subjects.heartbeat, self.info(serving))
 
     def report_soon(self) -> None:
         """A load report now, or as soon as the rate limit allows."""
@@ -330,7 +331,7 @@ class Worker(ABC):
         while True:
             await asyncio.sleep(self.settings.worker.heartbeat_s)
             try:
-                await self.report()
+                await self.report(serving=True)
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.instance_id, exc)
 

@@ -39,8 +39,8 @@ async def nats_client() -> AsyncIterator[NATS]:
         await client.close()
 
 
-def _dispatcher(nc: NATS, **gateway: object) -> Dispatcher:
-    settings = load_settings({"gateway": gateway, "worker": {"dead_after_s": 0.5}})
+def _dispatcher(nc: NATS, dead_after_s: float = 0.5, **gateway: object) -> Dispatcher:
+    settings = load_settings({"gateway": gateway, "worker": {"dead_after_s": dead_after_s}})
     registry = Registry(settings.worker.dead_after_s)
     return Dispatcher(settings, nc, StateWriter(None, 60), Tracing(settings.telemetry, "test"),
                       GatewayMetrics(registry), registry, "m")
@@ -190,3 +190,41 @@ async def test_a_lost_nats_connection_prunes_nobody_and_ends_requests_after_the_
         assert dispatcher.registry.alive("prefill")  # ...and gave the workers a fresh dead_after_s
         await dispatcher.close()
         await nc.close()
+
+
+async def test_a_request_its_worker_does_not_have_migrates(nats_client: NATS) -> None:
+    """NATS lost the submit (a server that died with it): the worker's heartbeats do not list the request."""
+    dispatcher = _dispatcher(nats_client, dead_after_s=30)
+    await dispatcher.start()
+    for instance, role in (("p1", "prefill"), ("p2", "prefill"), ("d", "decode")):
+        dispatcher.registry.update(_worker(instance, role))
+    submits: list[str] = []
+
+    async def on_submit(msg: object) -> None:
+        submits.append(msg.subject)  # type: ignore[attr-defined]
+
+    await nats_client.subscribe(p.Subjects.all_submits("prefill"), cb=on_submit)
+    flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")
+    first, other = flight.instance, "p2" if flight.instance == "p1" else "p1"
+
+    async def heartbeat(seq: int, serving: list[str]) -> None:
+        info = _worker(first, "prefill").model_copy(update={"seq": seq, "serving": serving})
+        await nats_client.publish(p.Subjects.heartbeat, info.encode())
+        await nats_client.flush()
+        await asyncio.sleep(0.1)
+
+    await heartbeat(2, [])  # too soon to tell: the submit may still be on its way
+    await heartbeat(3, [])
+    assert flight.instance == first and flight.unlisted == 0
+    await asyncio.sleep(2 * 0.5)  # the settling time: two heartbeat intervals
+    await heartbeat(4, [flight.request_id])  # listed: all is well
+    await heartbeat(5, [])
+    assert flight.instance == first and flight.unlisted == 1
+    await heartbeat(6, [])  # the second miss in a row
+    for _ in range(100):
+        if len(submits) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert submits == [p.Subjects.submit("prefill", first), p.Subjects.submit("prefill", other)]
+    assert flight.instance == other and flight.migrations == 1
+    await dispatcher.close()
