@@ -115,9 +115,9 @@ class WorkerInfo(Message):
     transport: str | None = None  # KV transport name (prefill, decode)
     transfer_address: str | None = None  # where decode workers pull this prefill worker's KV
     load: WorkerLoad = WorkerLoad()
-    # The periodic heartbeat lists the requests the worker has (queued, pulling or running; not KV it
-    # only holds for a pull): a request its gateway placed here that stays missing was lost with a
-    # control message (NATS delivers at most once) and migrates. None in the reports on load changes.
+    # The periodic heartbeat lists the requests the worker has (queued, pulling, running, or held for a
+    # pull): a request its gateway placed here that stays missing was lost with a control message (NATS
+    # delivers at most once) and migrates. None in the reports on load changes.
     serving: list[str] | None = None
 
 

@@ -217,8 +217,9 @@ class Dispatcher:
                 flight.unlisted = 0
                 continue
             flight.unlisted += 1
-            if flight.unlisted >= 2:
-                self._migrate(flight, f"worker {instance_id} does not have it (a control message was lost)")
+            if flight.unlisted >= 2:  # it may go back to the same worker, which does not have it: no abort
+                self._migrate(flight, f"worker {instance_id} does not have it (a control message was lost)",
+                              avoid=False)
 
     async def _on_bye(self, msg: Msg) -> None:
         try:
@@ -338,7 +339,8 @@ class Dispatcher:
     # -- migration ----------------------------------------------------------------------------------
 
     def _migrate(self, flight: InFlight, reason: str, avoid: bool = True) -> None:
-        """Continue a request whose worker is gone on another worker of the same phase."""
+        """Continue a request whose worker is gone on another worker of the same phase (`avoid=False`:
+        or on the same one, which does not have it: a restarted process, a lost message)."""
         if flight.done or not flight.instance:
             return  # ended, or already migrating
         old, limit = flight.instance, self.settings.gateway.migration_limit

@@ -55,6 +55,11 @@ class PrefillWorker(Worker):
     def serves(self, request_id: str) -> bool:
         return super().serves(request_id) or self.kv.holds(request_id)
 
+    def serving(self) -> list[str]:
+        # Held KV too: a request whose first token was lost is not sent here again (its id is in use)
+        # until the lease frees it.
+        return [*self.requests, *self.kv.held]
+
     async def on_abort(self, request_id: str) -> None:
         if self.kv.holds(request_id):
             self.kv.free(request_id)

@@ -116,6 +116,10 @@ class Worker(ABC):
         assert self.transport is not None, "the transport starts before the role"
         return self.transport
 
+    def serving(self) -> list[str]:
+        """The requests this worker has, for the periodic heartbeat (`WorkerInfo.serving`)."""
+        return list(self.requests)
+
     def serves(self, request_id: str) -> bool:
         """Whether this worker holds anything of the request (an abort is for it)."""
         return request_id in self.requests
@@ -297,7 +301,7 @@ class Worker(ABC):
             started_at=self.started_at, seq=self._seq,
             transport=self.transport.name if self.transport else None,
             transfer_address=self.transport.address if self.transport else None, load=self.load(),
-            serving=list(self.requests) if serving else None,
+            serving=self.serving() if serving else None,
         )
 
     async def report(self, serving: bool = False) -> None:

@@ -205,7 +205,7 @@ async def test_a_request_its_worker_does_not_have_migrates(nats_client: NATS) ->
 
     await nats_client.subscribe(p.Subjects.all_submits("prefill"), cb=on_submit)
     flight = await dispatcher.submit([1, 2, 3], p.SamplingParams(), "cmpl")
-    first, other = flight.instance, "p2" if flight.instance == "p1" else "p1"
+    first, other = flight.instance, "p2" if flight.instance == "p1" else "p1"  # (no abort goes to it)
 
     async def heartbeat(seq: int, serving: list[str]) -> None:
         info = _worker(first, "prefill").model_copy(update={"seq": seq, "serving": serving})
@@ -225,6 +225,6 @@ async def test_a_request_its_worker_does_not_have_migrates(nats_client: NATS) ->
         if len(submits) == 2:
             break
         await asyncio.sleep(0.02)
-    assert submits == [p.Subjects.submit("prefill", first), p.Subjects.submit("prefill", other)]
-    assert flight.instance == other and flight.migrations == 1
+    assert submits[0] == p.Subjects.submit("prefill", first) and len(submits) == 2  # sent again, to the least
+    assert flight.instance in (first, other) and flight.migrations == 1  # loaded, which may be the same worker
     await dispatcher.close()
