@@ -1,0 +1,72 @@
+"""The Triton kernels (shared/engine/gpu/) against their torch references, under Triton's interpreter on
+CPU (small shapes: the interpreter runs each program in numpy), and the paged attention kernel against
+the engine's own decode attention paths too."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: CPU tensors, numpy programs
+pytest.importorskip("triton")
+
+from shared.engine.gpu import paged_attention, rms_norm  # noqa: E402
+
+
+def paged_case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Three sequences of 1, 5 and 11 tokens in a shuffled pool of 4-token blocks, 6 query heads on 2 KV heads."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks, layers, block_size, kv_heads, head_dim = 12, 2, 4, 2, 16
+    cache = torch.randn(num_blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor([1, 5, 11])
+    order = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(3, 3, dtype=torch.int64)
+    tables[0, :1], tables[1, :2], tables[2, :3] = order[:1], order[1:3], order[3:6]
+    q = torch.randn(3, 6, head_dim, generator=gen).to(dtype)
+    return q, cache, tables, lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_decode_attention_matches_the_reference(dtype: torch.dtype) -> None:
+    q, cache, tables, lens = paged_case(0, dtype)
+    scale = q.shape[-1] ** -0.5
+    for layer in (0, 1):
+        got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens, scale)
+        want = paged_attention.reference(q, cache, layer, tables, lens, scale)
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_paged_decode_attention_matches_the_engines_gather_and_sdpa_path() -> None:
+    q, cache, tables, lens = paged_case(1, torch.float32)
+    layer, scale = 1, q.shape[-1] ** -0.5
+    kv_heads, block_size = cache.shape[4], cache.shape[3]
+    k = cache[tables, layer, 0].reshape(3, -1, kv_heads, q.shape[2])  # what KVCache.gather returns
+    v = cache[tables, layer, 1].reshape(3, -1, kv_heads, q.shape[2])
+    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
+    qg = q.view(3, kv_heads, q.shape[1] // kv_heads, q.shape[2])
+    want = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).reshape(q.shape)
+    got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens, scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_attention_rejects_shapes_it_cannot_run() -> None:
+    q, cache, tables, lens = paged_case(2, torch.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_attention.paged_decode_attention(q[:, :5], cache, 0, tables, lens, 1.0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(with_residual: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(5, 40, generator=gen), torch.randn(40, generator=gen)
+    residual = torch.randn(5, 40, generator=gen) if with_residual else None
+    summed = x + residual if residual is not None else x
+    want = F.rms_norm(summed, (40,), weight, 1e-5)
+    got = rms_norm.rms_norm(x, weight, 1e-5, residual)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if residual is not None:
+        torch.testing.assert_close(residual, summed)  # updated in place: the next layer's residual stream
