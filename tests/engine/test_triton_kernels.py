@@ -13,7 +13,7 @@ import torch.nn.functional as F
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: CPU tensors, numpy programs
 pytest.importorskip("triton")
 
-from shared.engine.gpu import paged_attention, rms_norm  # noqa: E402
+from shared.engine.gpu import paged_attention, prefill_attention, rms_norm  # noqa: E402
 
 
 def paged_case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -70,3 +70,34 @@ def test_rms_norm_matches_torch(with_residual: bool) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if residual is not None:
         torch.testing.assert_close(residual, summed)  # updated in place: the next layer's residual stream
+
+
+def packed_prompts(seed: int) -> tuple[torch.Tensor, ...]:
+    """Prompts of 1, 19 and 33 tokens packed in one batch (tiles split inside and across them)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.tensor([0, 1, 20, 53])
+    q = torch.randn(53, 6, 16, generator=gen)
+    kv = torch.randn(53, 2, 2, 16, generator=gen)  # K and V interleaved, as the engine's qkv split leaves them
+    return q, kv[:, 0], kv[:, 1], starts
+
+
+def test_prefill_attention_over_packed_prompts_matches_the_reference_and_sdpa() -> None:
+    q, k, v, starts = packed_prompts(4)
+    scale = 16 ** -0.5
+    got = prefill_attention.prefill_attention(q, k, v, starts, scale)
+    torch.testing.assert_close(got, prefill_attention.reference(q, k, v, starts, scale), atol=1e-5, rtol=1e-5)
+    a, b = 20, 53  # the engine's own path for one fresh prompt
+    want = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                          v[a:b].transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got[a:b], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_store_kv_writes_each_token_into_its_slot() -> None:
+    _, k, v, _ = packed_prompts(5)
+    cache = torch.zeros(20, 2, 2, 4, 2, 16)
+    slots = torch.randperm(80, generator=torch.Generator().manual_seed(6))[:53]
+    prefill_attention.store_kv(k, v, cache, 1, slots)
+    blocks, offsets = slots // 4, slots % 4
+    torch.testing.assert_close(cache[blocks, 1, 0, offsets], k)
+    torch.testing.assert_close(cache[blocks, 1, 1, offsets], v)
+    assert cache[:, 0].abs().sum() == 0  # the other layer untouched
