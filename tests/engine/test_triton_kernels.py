@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 pytest.importorskip("triton")
 
 from shared.engine.gpu import paged_attention, prefill_attention, rms_norm  # noqa: E402
+from shared.engine.gpu import rope as gpu_rope  # noqa: E402
 
 
 def paged_case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -101,3 +102,18 @@ def test_store_kv_writes_each_token_into_its_slot() -> None:
     torch.testing.assert_close(cache[blocks, 1, 0, offsets], k)
     torch.testing.assert_close(cache[blocks, 1, 1, offsets], v)
     assert cache[:, 0].abs().sum() == 0  # the other layer untouched
+
+
+def test_rope_matches_the_engines_apply_rope() -> None:
+    from shared.engine.model import RotaryEmbedding, apply_rope_
+
+    rotary = RotaryEmbedding(16, 64, 10000.0)
+    cos, sin = rotary.tables(torch.tensor([0, 3, 7, 40, 41]), torch.float32)
+    qkv = torch.randn(5, 8 + 2 * 2, 16, generator=torch.Generator().manual_seed(7))  # q 8 heads, k 2, v 2
+    heads = qkv[:, :10]  # q and k, a strided view as in the engine
+    want = heads.clone()
+    apply_rope_(want, cos, sin)
+    before_v = qkv[:, 10:].clone()
+    gpu_rope.rope_(heads, cos, sin)
+    torch.testing.assert_close(qkv[:, :10], want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, 10:], before_v)  # v untouched
