@@ -119,6 +119,7 @@ class WorkerInfo(Message):
     # pull): a request its gateway placed here that stays missing was lost with a control message (NATS
     # delivers at most once) and migrates. None in the reports on load changes.
     serving: list[str] | None = None
+    sent_at: float = 0.0  # wall-clock time the report was built (what `serving` is as of)
 
 
 class WorkerBye(Message):

@@ -52,7 +52,7 @@ class DecodeWorker(Worker):
 
     async def on_submit(self, msg: Msg) -> None:
         req = self.parse(p.DecodeRequest, msg)
-        if req is None:
+        if req is None or self.duplicate(req.request_id):
             return
         self.requests[req.request_id] = DecodeTracked(req.request_id, req.reply_to, extract_context(msg.headers),
                                                       time.time(), prefill_instance=req.kv.prefill_instance)

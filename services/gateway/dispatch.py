@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Literal
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -39,7 +40,7 @@ from opentelemetry import trace
 
 from services.gateway.errors import APIError, retry_later
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.registry import Registry
+from services.gateway.registry import Instance, Registry
 from shared import protocol as p
 from shared.config import Settings
 from shared.state import RequestFields, StateWriter
@@ -60,7 +61,7 @@ class InFlight:
     role: p.Role  # where it entered: prefill or colocated
     span: trace.Span
     instance: str = ""  # the worker that serves it now ("" while it migrates): only its events count
-    assigned_at: float = 0.0  # monotonic time it was sent to `instance`
+    assigned_at: float = 0.0  # wall-clock time it was sent to `instance` (compared with the worker's reports)
     unlisted: int = 0  # heartbeats of `instance` in a row that did not list it
     kv: p.KVHandle | None = None  # from the prefill worker's first token: where the KV waits
     output_token_ids: list[int] = field(default_factory=list)  # streamed so far (what a migration resumes)
@@ -140,7 +141,7 @@ class Dispatcher:
                                                                "prompt_tokens": len(prompt_token_ids)})
         message = p.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling,
                                    reply_to=self.inbox, arrived_at=now)
-        flight = InFlight(message, role, span, instance=worker.instance_id, assigned_at=time.monotonic())
+        flight = InFlight(message, role, span, instance=worker.instance_id, assigned_at=now)
         self.inflight[request_id] = flight
         flight.deadline = asyncio.get_running_loop().call_later(
             self.settings.gateway.request_timeout_s, self._fail, flight, 504, "request timed out")
@@ -201,25 +202,27 @@ class Dispatcher:
             if known is None:
                 log.info("worker %s (%s) joined", info.instance_id, info.role)
             else:  # a new process under a known id: what the old one served is gone with it
-                self._lost(info.instance_id, "restarted", avoid=False)
+                self._lost(info.instance_id, "restarted", to="anywhere")
         elif info.serving is not None:
-            self._reconcile(info.instance_id, set(info.serving))
+            self._reconcile(info)
 
-    def _reconcile(self, instance_id: str, serving: set[str]) -> None:
+    def _reconcile(self, info: p.WorkerInfo) -> None:
         """Requests placed on this worker that it does not have: their message was lost (a NATS server
-        died with it). Two heartbeats in a row, and a settling time, before anything is concluded: a
-        submit may still be on its way, a last token may be handled after the heartbeat that follows it."""
-        settled = time.monotonic() - 2 * self.settings.worker.heartbeat_s
+        died with it). Two reports in a row, each built by the worker two heartbeat intervals after the
+        request was sent (its own clock: a gateway behind on its messages must not conclude from old
+        reports), before anything is concluded: a last token may also be handled after the report."""
+        serving = set(info.serving or ())
+        settled = info.sent_at - 2 * self.settings.worker.heartbeat_s
         for flight in list(self.inflight.values()):
-            if flight.instance != instance_id:
+            if flight.instance != info.instance_id:
                 continue
             if flight.request_id in serving or flight.assigned_at > settled:
                 flight.unlisted = 0
                 continue
             flight.unlisted += 1
-            if flight.unlisted >= 2:  # it may go back to the same worker, which does not have it: no abort
-                self._migrate(flight, f"worker {instance_id} does not have it (a control message was lost)",
-                              avoid=False)
+            if flight.unlisted >= 2:
+                self._migrate(flight, f"worker {info.instance_id} does not have it (a control message was lost)",
+                              to="same")
 
     async def _on_bye(self, msg: Msg) -> None:
         try:
@@ -257,15 +260,15 @@ class Dispatcher:
     def _nats_outage_message(self) -> str:
         return f"the control plane (NATS) has been unreachable for over {self.settings.gateway.nats_outage_s:g} s"
 
-    def _lost(self, instance_id: str, what: str, avoid: bool = True) -> None:
-        """A worker is gone (or restarted, `avoid=False`: its new process may take the requests back)."""
+    def _lost(self, instance_id: str, what: str, to: Literal["elsewhere", "anywhere"] = "elsewhere") -> None:
+        """A worker is gone (or restarted, `anywhere`: its new process may take the requests back)."""
         served = [f for f in self.inflight.values() if f.instance == instance_id]
         if served:
             log.warning("worker %s %s; migrating its %d requests", instance_id, what, len(served))
         else:
             log.info("worker %s %s", instance_id, what)
         for flight in served:
-            self._migrate(flight, f"worker {instance_id} {what}", avoid=avoid)
+            self._migrate(flight, f"worker {instance_id} {what}", to=to)
 
     async def _on_tokens(self, msg: Msg) -> None:
         try:
@@ -322,7 +325,7 @@ class Dispatcher:
         worker = self.registry.pick("decode")
         if worker is None:  # wait for one as a migration does (the prefill worker keeps the KV meanwhile)
             flight.instance = ""
-            asyncio.ensure_future(self._continue_elsewhere(flight, "decode", None, "waiting for a decode worker"))
+            asyncio.ensure_future(self._continue_elsewhere(flight, "decode", "waiting for a decode worker"))
             return
         self._assign(flight, worker.instance_id)
         message = p.DecodeRequest(request_id=flight.request_id, reply_to=self.inbox, kv=kv)
@@ -334,13 +337,15 @@ class Dispatcher:
 
     @staticmethod
     def _assign(flight: InFlight, instance_id: str) -> None:
-        flight.instance, flight.assigned_at, flight.unlisted = instance_id, time.monotonic(), 0
+        flight.instance, flight.assigned_at, flight.unlisted = instance_id, time.time(), 0
 
     # -- migration ----------------------------------------------------------------------------------
 
-    def _migrate(self, flight: InFlight, reason: str, avoid: bool = True) -> None:
-        """Continue a request whose worker is gone on another worker of the same phase (`avoid=False`:
-        or on the same one, which does not have it: a restarted process, a lost message)."""
+    def _migrate(self, flight: InFlight, reason: str, to: Literal["elsewhere", "anywhere", "same"] = "elsewhere"
+                 ) -> None:
+        """Continue a request on a worker of the phase it is in: another one than its own (gone, or
+        silent), `anywhere` (its own restarted: the new process never had it), or the `same` (it
+        does not list the request: the submit was lost, or is late, and then it drops the copy)."""
         if flight.done or not flight.instance:
             return  # ended, or already migrating
         old, limit = flight.instance, self.settings.gateway.migration_limit
@@ -349,18 +354,23 @@ class Dispatcher:
             return
         flight.migrations += 1
         flight.instance = ""
-        if avoid:  # if the old worker is only slow, not dead, it must stop spending memory and compute on it
-            # (not after a restart: the new process under that id never had it, and may take it next)
+        if to == "elsewhere":  # if the old worker is only slow, not dead, it must stop spending on it
             asyncio.ensure_future(self._publish(p.Subjects.abort, p.AbortRequest(
                 request_id=flight.request_id, reason=f"migrated: {reason}", instance_id=old)))
         role: p.Role = "decode" if flight.kv is not None else flight.role
-        asyncio.ensure_future(self._continue_elsewhere(flight, role, old if avoid else None, reason))
+        avoid, only = (old, None) if to == "elsewhere" else (None, old) if to == "same" else (None, None)
+        asyncio.ensure_future(self._continue_elsewhere(flight, role, reason, avoid, only))
 
-    async def _continue_elsewhere(self, flight: InFlight, role: p.Role, avoid: str | None, reason: str) -> None:
+    async def _continue_elsewhere(self, flight: InFlight, role: p.Role, reason: str, avoid: str | None = None,
+                                  only: str | None = None) -> None:
         wait_s = self.settings.gateway.migration_wait_s
         deadline = time.monotonic() + wait_s
         queued = flight.prompt_tokens if role != "decode" else 0  # what dispatch counts until the next report
-        while (worker := self.registry.pick(role, queued, avoid=avoid)) is None:
+
+        def pick() -> Instance | None:
+            return self.registry.instances.get(only) if only else self.registry.pick(role, queued, avoid=avoid)
+
+        while (worker := pick()) is None:
             if time.monotonic() > deadline:
                 self._fail(flight, 503, f"{reason}; no live {role} worker took the request within {wait_s:g} s")
                 return

@@ -116,6 +116,14 @@ class Worker(ABC):
         assert self.transport is not None, "the transport starts before the role"
         return self.transport
 
+    def duplicate(self, request_id: str) -> bool:
+        """A submit for a request this worker has: a copy its gateway sent again because this worker's
+        reports did not list it yet (the first was late, not lost). The first one is kept."""
+        if not self.serves(request_id):
+            return False
+        log.info("%s: a second submit of %s dropped: it is here already", self.instance_id, request_id)
+        return True
+
     def serving(self) -> list[str]:
         """The requests this worker has, for the periodic heartbeat (`WorkerInfo.serving`)."""
         return list(self.requests)
@@ -224,7 +232,7 @@ class Worker(ABC):
     def accept(self, msg: Msg) -> None:
         """A PrefillRequest for this worker (prefill and colocated roles): queue it in the engine."""
         req = self.parse(p.PrefillRequest, msg)
-        if req is None:
+        if req is None or self.duplicate(req.request_id):
             return
         now = time.time()
         fields: RequestFields = {"queued": now, "prefill_instance": self.instance_id}
@@ -301,7 +309,7 @@ class Worker(ABC):
             started_at=self.started_at, seq=self._seq,
             transport=self.transport.name if self.transport else None,
             transfer_address=self.transport.address if self.transport else None, load=self.load(),
-            serving=self.serving() if serving else None,
+            serving=self.serving() if serving else None, sent_at=time.time(),
         )
 
     async def report(self, serving: bool = False) -> None:
