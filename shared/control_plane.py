@@ -13,6 +13,8 @@ import logging
 import nats
 from nats.aio.client import Client as NATS
 
+from shared.credentials import redact
+
 log = logging.getLogger("distserve.nats")
 
 
@@ -37,4 +39,5 @@ async def connect_nats(url: str, name: str) -> NATS:
     client = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                 error_cb=on_error, disconnected_cb=on_disconnected,
                                 reconnected_cb=on_reconnected, closed_cb=on_closed)
+    log.info("%s: connected to NATS at %s", name, redact(url))
     return client

@@ -18,7 +18,7 @@ from shared.servers import NatsServer
 async def test_a_restarted_nats_server_is_reconnected_with_one_line_per_change(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="distserve.nats")
-    with NatsServer() as server:
+    with NatsServer.with_password() as server:
         nc = await connect_nats(server.url, "test")
         received: list[bytes] = []
 
@@ -42,6 +42,7 @@ async def test_a_restarted_nats_server_is_reconnected_with_one_line_per_change(
         await nc.close()
     lines = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert [r.getMessage() for r in lines] == [
+        f"test: connected to NATS at nats://***@127.0.0.1:{server.port}",  # never the password
         "test: lost the NATS connection; reconnecting", f"test: NATS connection back (127.0.0.1:{server.port})",
         "test: NATS connection closed"]
     assert not any(r.exc_info for r in caplog.records)
