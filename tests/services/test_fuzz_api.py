@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
 from services.launcher import Stack
@@ -24,8 +24,14 @@ def capped(body: Any) -> Any:
         if isinstance(body.get("model"), str):
             body["model"] = MODEL
         for key in ("max_tokens", "max_completion_tokens"):
-            if isinstance(body.get(key), int) and body[key] > MAX_TOKENS:
-                body[key] = MAX_TOKENS
+            value = body.get(key)
+            if isinstance(value, bool):
+                continue
+            try:  # the API takes 2048, 2048.0 and "2048" alike: cap them all
+                if float(value) > MAX_TOKENS:  # type: ignore[arg-type]
+                    body[key] = MAX_TOKENS
+            except (TypeError, ValueError, OverflowError):
+                continue
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = MAX_TOKENS  # else the rest of the context: thousands of tokens
     return body
@@ -33,7 +39,7 @@ def capped(body: Any) -> Any:
 
 def check(case: schemathesis.Case) -> None:
     case.body = capped(case.body)
-    response = case.call(timeout=60)
+    response = case.call(timeout=30)  # a capped answer takes seconds
     assert response.status_code < 500, (case.method, case.path, case.body, response.status_code, response.text[:500])
     if response.status_code >= 400:
         error = response.json()["error"]
@@ -48,7 +54,9 @@ def test_no_server_errors_and_every_error_in_openai_shape(stack: Stack) -> None:
         # Bodies valid by the schema and invalid ones; the GET routes take no input to make invalid.
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method == "post" else [])
         for mode in modes:
-            run = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                           suppress_health_check=list(HealthCheck))(
+            # The same examples every run (CI stays reproducible and bounded), and no shrinking: a failing
+            # example is reported as found (shrinking one that times out took over five minutes).
+            run = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                           phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(
                 given(case=operation.as_strategy(generation_mode=mode))(check))
             run()
