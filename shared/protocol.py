@@ -117,7 +117,7 @@ class WorkerInfo(Message):
     load: WorkerLoad = WorkerLoad()
     # The periodic heartbeat lists the requests the worker has (queued, pulling, running, or held for a
     # pull): a request its gateway placed here that stays missing was lost with a control message (NATS
-    # delivers at most once) and migrates. None in the reports on load changes.
+    # delivers at most once) and is sent again. None in the reports on load changes.
     serving: list[str] | None = None
     sent_at: float = 0.0  # wall-clock time the report was built (what `serving` is as of)
 

@@ -56,8 +56,8 @@ class PrefillWorker(Worker):
         return super().serves(request_id) or self.kv.holds(request_id)
 
     def serving(self) -> list[str]:
-        # Held KV too: a request whose first token was lost is not sent here again (its id is in use)
-        # until the lease frees it.
+        # Held KV too: the request is here until its KV is pulled (or, if its first token was lost on
+        # the way to the gateway, until the lease frees it).
         return [*self.requests, *self.kv.held]
 
     async def on_abort(self, request_id: str) -> None:
