@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.bench.client import chunk_text, discover_model
+from services.bench.metrics import percentile
 from services.launcher import Stack
 from shared.argtypes import names_from, positive_int
 from shared.config import load_settings
@@ -173,13 +174,6 @@ def wait_whole(stack: Stack, timeout: float = 300.0) -> None:
     raise RuntimeError("the stack did not come back whole after the fault")
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console(width=150)
     settings = load_settings({"model": args.model, "prefill_instances": 2, "decode_instances": 2,
@@ -215,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             lost = sum(1 for o in outcomes if not o.answered)
             added = [o.latency - b.latency for o, b, m in zip(outcomes, baseline, moved, strict=True)
                      if m and o.error is None]
-            p50, p99 = percentile(added, 0.5), percentile(added, 0.99)
+            p50, p99 = percentile(added, 50), percentile(added, 99)
             latency = f"{p50:.2f} / {p99:.2f}" if p50 is not None and p99 is not None else ""
             table.add_row(name, str(len(outcomes)), str(same), str(len(completed) - same),
                           str(sum(1 for m in moved if m)), str(len(errors)), str(lost), latency)

@@ -10,10 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from services.launcher import Stack
 from shared.config import load_settings
 from shared.servers import NatsServer, RedisServer, free_port
+from shared.state import read_request, recent_requests
 
 KV_GIB = 0.1  # 1456 blocks at 1 GiB: ~145 here, plenty for the tests and quick to allocate
 # Not auto (chosen per CPU and role): the tests' expected outputs then hold on every CPU CI runs on.
@@ -44,3 +46,14 @@ def stack(nats_server: NatsServer, redis_server: RedisServer) -> Iterator[Stack]
     stack = start_stack(nats_server, redis_server)
     yield stack
     stack.stop()
+
+
+async def request_states(redis_url: str, *request_ids: str) -> list[dict[str, str]]:
+    """The Redis state of the given requests (of the 1000 most recent if none is given); absent ones left out."""
+    client = aioredis.from_url(redis_url)
+    try:
+        ids = request_ids or tuple(await recent_requests(client, 1000))
+        states = [await read_request(client, rid) for rid in ids]
+        return [state for state in states if state is not None]
+    finally:
+        await client.aclose()

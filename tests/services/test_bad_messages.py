@@ -56,6 +56,6 @@ async def test_garbage_on_every_subject_kills_nothing(redis_server: RedisServer)
             await asyncio.sleep(1.0)
             assert stack.dead_child() is None
             assert await asyncio.to_thread(greedy, stack) == before
-            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack) == 0.0, 10)  # nothing held
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0, 10)  # nothing held
         finally:
             stack.stop()

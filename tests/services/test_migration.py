@@ -14,13 +14,11 @@ import signal
 import time
 
 import openai
-import redis.asyncio as aioredis
 
 from services.launcher import Stack
 from shared.servers import NatsServer, RedisServer
-from shared.state import read_request, recent_requests
-from tests.services.conftest import start_stack
-from tests.services.test_stack import MODEL, metric, wait_until
+from tests.services.conftest import request_states, start_stack
+from tests.services.test_stack import MODEL, kv_in_use, metric, wait_until
 
 DEAD_AFTER_S = 1.5
 PROMPTS = [f"Write a short story about a {thing}." for thing in ("cat", "lighthouse", "robot", "river", "dragon",
@@ -51,19 +49,13 @@ async def stream_all(stack: Stack, started: asyncio.Event | None = None) -> list
         await api.close()
 
 
-def kv_used(stack: Stack, *instances: tuple[str, str]) -> float:
-    return sum(metric(stack, "distserve_worker_kv_usage_ratio", instance=i, role=r) for i, r in instances)
-
-
-async def migrated_requests(redis_server: RedisServer) -> list[dict[str, str]]:
-    """The state of every recent request that migrated (the state writes land within ms; wait a moment)."""
-    await asyncio.sleep(0.5)
-    client = aioredis.from_url(redis_server.url)
-    try:
-        states = [await read_request(client, rid) for rid in await recent_requests(client, 1000)]
-        return [s for s in states if s is not None and "migrations" in s]
-    finally:
-        await client.aclose()
+async def streams_under_way(stack: Stack) -> tuple[list[str], asyncio.Future[list[str]]]:
+    """Every prompt's undisturbed text, then the same streams again, returned once each has a few tokens."""
+    undisturbed = await stream_all(stack)
+    started = asyncio.Event()
+    streams = asyncio.ensure_future(stream_all(stack, started))
+    await asyncio.wait_for(started.wait(), 60)
+    return undisturbed, streams
 
 
 async def test_decode_worker_killed_mid_stream_its_requests_finish_on_the_other(redis_server: RedisServer) -> None:
@@ -71,10 +63,7 @@ async def test_decode_worker_killed_mid_stream_its_requests_finish_on_the_other(
         stack = start_stack(nats, redis_server, decode_instances=2, worker={"dead_after_s": DEAD_AFTER_S})
         victim = next(c for c in stack.children if c.name == "decode-0")
         try:
-            undisturbed = await stream_all(stack)
-            started = asyncio.Event()
-            streams = asyncio.ensure_future(stream_all(stack, started))
-            await asyncio.wait_for(started.wait(), 60)
+            undisturbed, streams = await streams_under_way(stack)
             assert metric(stack, "distserve_worker_running_requests", instance="decode-0", role="decode") > 0
             os.kill(victim.proc.pid, signal.SIGKILL)
             killed = time.monotonic()
@@ -83,10 +72,11 @@ async def test_decode_worker_killed_mid_stream_its_requests_finish_on_the_other(
             moved = metric(stack, "distserve_migrations_total", role="decode")
             assert moved >= 1
             assert time.monotonic() - killed < 60
-            records = [r for r in await migrated_requests(redis_server) if r["migration"].startswith("decode decode-1")]
+            await asyncio.sleep(0.5)  # the state writes land within milliseconds
+            records = [r for r in await request_states(redis_server.url)
+                       if r.get("migration", "").startswith("decode decode-1")]
             assert len(records) == moved and all(r["status"] == "finished" for r in records)
-            assert await asyncio.to_thread(
-                wait_until, lambda: kv_used(stack, ("prefill-0", "prefill"), ("decode-1", "decode")) == 0.0)
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
             assert metric(stack, "distserve_gateway_inflight_requests") == 0
         finally:
             victim.proc.wait()
@@ -109,8 +99,7 @@ async def test_stalled_prefill_worker_its_queued_requests_move_and_its_late_work
             assert texts == undisturbed
             assert await asyncio.to_thread(wait_until, lambda: metric(
                 stack, "distserve_workers_alive", role="prefill") == 2)  # it rejoined
-            assert await asyncio.to_thread(wait_until, lambda: kv_used(
-                stack, ("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")) == 0.0)
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
         finally:
             if stalled.proc.poll() is None:
                 os.kill(stalled.proc.pid, signal.SIGCONT)
@@ -124,16 +113,13 @@ async def test_colocated_worker_stopped_mid_stream_hands_its_requests_over(redis
         stack = start_stack(nats, redis_server, mode="colocated", colocated_instances=2)
         leaving = next(c for c in stack.children if c.name == "colocated-0")
         try:
-            undisturbed = await stream_all(stack)
-            started = asyncio.Event()
-            streams = asyncio.ensure_future(stream_all(stack, started))
-            await asyncio.wait_for(started.wait(), 60)
+            undisturbed, streams = await streams_under_way(stack)
             assert metric(stack, "distserve_worker_running_requests", instance="colocated-0", role="colocated") > 0
             os.kill(leaving.proc.pid, signal.SIGTERM)
             texts = await asyncio.wait_for(streams, 120)
             assert texts == undisturbed
             assert metric(stack, "distserve_migrations_total", role="colocated") >= 1
             assert leaving.proc.wait(30) == 0
-            assert await asyncio.to_thread(wait_until, lambda: kv_used(stack, ("colocated-1", "colocated")) == 0.0)
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
         finally:
             stack.stop()

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from shared.config import REVEAL_SECRETS, load_settings
 from shared.credentials import write_private
 from shared.servers import NatsServer, RedisServer, ServerProcess, free_port, wait_for_port
-from shared.state import read_request
 from tests.services import netns
-from tests.services.conftest import KV_GIB, PRECISION
-from tests.services.test_stack import MODEL
+from tests.services.conftest import KV_GIB, PRECISION, request_states
+from tests.services.test_stack import MODEL, kv_in_use, wait_until
 
 pytestmark = pytest.mark.skipif((why := netns.available()) is not None, reason=str(why))
 
@@ -78,11 +76,6 @@ class Deployment:
                 pass
             time.sleep(0.25)
         return False
-
-    def kv_in_use(self) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("distserve_worker_kv_usage_ratio{"))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -137,24 +130,14 @@ def test_a_cut_link_mid_transfer_is_recomputed_and_the_worker_rejoins(deployment
     text, request_id = complete(deployment.url, LONG_PROMPT, 16, cut)
     assert text == undisturbed and time.monotonic() - started < 60
 
-    async def state() -> dict[str, str] | None:
-        client = aioredis.from_url(deployment.redis_url)
-        try:
-            return await read_request(client, request_id)
-        finally:
-            await client.aclose()
-
-    recorded = asyncio.run(state()) or {}
+    recorded = asyncio.run(request_states(deployment.redis_url, request_id))[0]
     assert recorded.get("kv_recomputed") == "1", recorded  # the pull failed; decode computed the KV itself
 
     prefill.link(True)
     prefill.shape(None)
     assert deployment.wait_healthy(30), "the prefill worker did not rejoin"
     assert complete(deployment.url, LONG_PROMPT, 16)[0] == undisturbed
-    deadline = time.monotonic() + 20
-    while deployment.kv_in_use() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert deployment.kv_in_use() == 0.0
+    assert wait_until(lambda: kv_in_use(deployment.url) == 0.0)
 
 
 @pytest.mark.skipif((no_netem := netns.netem_missing()) is not None, reason=str(no_netem))

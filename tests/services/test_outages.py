@@ -8,15 +8,10 @@ import asyncio
 import os
 import signal
 
-import redis.asyncio as aioredis
-
 from shared.servers import NatsServer, RedisServer
-from shared.state import read_request, recent_requests
-from tests.services.conftest import start_stack
-from tests.services.test_migration import kv_used, stream_all
-from tests.services.test_stack import metric, wait_until
-
-NO_KV = (("prefill-0", "prefill"), ("decode-0", "decode"))
+from tests.services.conftest import request_states, start_stack
+from tests.services.test_migration import stream_all, streams_under_way
+from tests.services.test_stack import kv_in_use, metric, wait_until
 
 
 async def test_nats_killed_mid_stream_and_back_2_s_later(redis_server: RedisServer) -> None:
@@ -24,18 +19,14 @@ async def test_nats_killed_mid_stream_and_back_2_s_later(redis_server: RedisServ
     with NatsServer() as nats:
         stack = start_stack(nats, redis_server, decode_instances=2)
         try:
-            undisturbed = await stream_all(stack)
-            started = asyncio.Event()
-            streams = asyncio.ensure_future(stream_all(stack, started))
-            await asyncio.wait_for(started.wait(), 60)
+            undisturbed, streams = await streams_under_way(stack)
             assert nats.pid is not None
             os.kill(nats.pid, signal.SIGKILL)
             await asyncio.sleep(2.0)
             await asyncio.to_thread(nats.restart)
             assert await asyncio.wait_for(streams, 120) == undisturbed
             assert metric(stack, "distserve_workers_alive", role="decode") == 2  # nobody was taken for dead
-            assert await asyncio.to_thread(
-                wait_until, lambda: kv_used(stack, *NO_KV, ("decode-1", "decode")) == 0.0)
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
             assert await stream_all(stack) == undisturbed  # and serving goes on
         finally:
             stack.stop()
@@ -45,30 +36,21 @@ async def test_redis_killed_mid_stream_serving_goes_on_and_state_lands_when_it_i
     with NatsServer() as nats, RedisServer() as redis_server:
         stack = start_stack(nats, redis_server)
         try:
-            undisturbed = await stream_all(stack)
-            started = asyncio.Event()
-            streams = asyncio.ensure_future(stream_all(stack, started))
-            await asyncio.wait_for(started.wait(), 60)
+            undisturbed, streams = await streams_under_way(stack)
             assert redis_server.pid is not None
             os.kill(redis_server.pid, signal.SIGKILL)  # its data goes with it: only what is written after counts
             assert await asyncio.wait_for(streams, 120) == undisturbed
             during = await stream_all(stack)  # served entirely while Redis is down
             assert during == undisturbed
             await asyncio.to_thread(redis_server.restart)
-            client = aioredis.from_url(redis_server.url)
-            try:
-                async def finished() -> int:
-                    ids = await recent_requests(client, 100)
-                    states = [await read_request(client, rid) for rid in ids]
-                    return sum(1 for s in states if s and s.get("status") == "finished")
+            async def finished() -> int:
+                return sum(1 for s in await request_states(redis_server.url) if s.get("status") == "finished")
 
-                for _ in range(100):  # the writers retry with backoff (5 s at most)
-                    if await finished() >= len(during):
-                        break
-                    await asyncio.sleep(0.2)
-                assert await finished() >= len(during)
-            finally:
-                await client.aclose()
-            assert await asyncio.to_thread(wait_until, lambda: kv_used(stack, *NO_KV) == 0.0)
+            for _ in range(100):  # the writers retry with backoff (5 s at most)
+                if await finished() >= len(during):
+                    break
+                await asyncio.sleep(0.2)
+            assert await finished() >= len(during)
+            assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
         finally:
             stack.stop()

@@ -39,6 +39,6 @@ async def test_500_concurrent_streams_get_an_answer_or_a_retry_after(stack: Stac
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120, connect=30)) as http:
         await asyncio.wait_for(asyncio.gather(*(one(http, i) for i in range(CLIENTS))), 240)
     assert sum(outcomes.values()) == CLIENTS and outcomes["200"] > 0, outcomes
-    assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack) == 0.0)
+    assert await asyncio.to_thread(wait_until, lambda: kv_in_use(stack.url) == 0.0)
     assert metric(stack, "distserve_gateway_pending_requests") == 0
     assert metric(stack, "distserve_gateway_inflight_requests") == 0

@@ -13,13 +13,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import openai
-import redis.asyncio as aioredis
 
 from services.launcher import Stack, backoff_s
 from shared.config import load_settings
 from shared.servers import free_port
-from shared.state import read_request
-from tests.services.conftest import KV_GIB, PRECISION
+from tests.services.conftest import KV_GIB, PRECISION, request_states
 from tests.services.test_stack import MODEL, PROMPT, client, wait_until
 
 ENGINE = {"kv_cache_memory_gib": KV_GIB, **PRECISION}
@@ -76,14 +74,11 @@ def test_killed_worker_and_redis_are_restarted_and_the_limit_stops_the_stack() -
         request_id = client(stack).completions.with_raw_response.create(
             model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0).headers["x-request-id"]
 
-        async def state() -> dict[str, str] | None:
-            r = aioredis.from_url(redis_server.url)
-            try:
-                return await read_request(r, request_id)
-            finally:
-                await r.aclose()
+        def status() -> str:
+            states = asyncio.run(request_states(redis_server.url, request_id))
+            return states[0].get("status", "") if states else ""
 
-        assert wait_until(lambda: (asyncio.run(state()) or {}).get("status") == "finished", 20)
+        assert wait_until(lambda: status() == "finished", 20)
 
         os.kill(decode.proc.pid, signal.SIGKILL)  # a second death within a minute of its restart: past the limit
         assert wait_until(lambda: exits == [1], 20)
