@@ -165,6 +165,8 @@ class WorkerSettings(_Section):
     pull_timeout_s: float = Field(default=30.0, gt=0, description="a KV pull that takes longer has failed")
     kv_failure_policy: Literal["recompute", "fail"] = Field(
         default="recompute", description="a failed KV pull: decode recomputes the prefill, or the request fails")
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, description="a worker whose shutdown takes longer dumps its threads' stacks and exits")
 
 
 class TelemetrySettings(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ T = TypeVar("T")
 
 _REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
 _STEP_RECORDS_INTERVAL_S = 1.0
+_CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -177,6 +179,9 @@ class Worker(ABC):
         try:
             await self._stop.wait()
         finally:
+            # A bounded shutdown, interpreter exit included: past the deadline every thread's stack goes
+            # to stderr (what hung) and the process exits with 1, so a stuck stage never keeps a worker.
+            faulthandler.dump_traceback_later(self.settings.worker.shutdown_timeout_s, exit=True)
             await self.shutdown()
         return self.exit_code
 
@@ -199,7 +204,7 @@ class Worker(ABC):
             await self.redis.aclose()
         if self.nc is not None:
             with contextlib.suppress(Exception):
-                await self.nc.close()
+                await asyncio.wait_for(self.nc.close(), _CLOSE_TIMEOUT_S)
         self.tracing.shutdown()
 
     def _fatal(self, exc: BaseException) -> None:

@@ -79,3 +79,19 @@ def test_last_decode_worker_killed_ends_its_requests_in_time_and_frees_prefill_k
         finally:
             decode.proc.wait()
             stack.stop()
+
+
+def test_worker_shutdown_past_its_deadline_dumps_its_stacks_and_exits(
+        redis_server: RedisServer, capfd: pytest.CaptureFixture[str]) -> None:
+    """A worker's shutdown is bounded: past `shutdown_timeout_s` (here shorter than any real shutdown) it
+    prints every thread's stack, so a CI log shows what hung, and exits with 1 instead of hanging."""
+    with NatsServer() as nats:
+        stack = start_stack(nats, redis_server, mode="colocated", worker={"shutdown_timeout_s": 0.001})
+        worker = next(c for c in stack.children if c.name == "colocated-0")
+        try:
+            os.kill(worker.proc.pid, signal.SIGTERM)
+            assert worker.proc.wait(15) == 1
+            stderr = capfd.readouterr().err
+            assert "Timeout (0:00:00" in stderr and "in shutdown" in stderr
+        finally:
+            stack.stop()
