@@ -36,20 +36,24 @@ BENCH_MODULES: list[str] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; `with_bench=False` leaves the benchmarks' subcommands out (they import
+    torch, which the other commands, the emulated engine's workers among them, never load)."""
     parser = argparse.ArgumentParser(prog="distserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     bench = subparsers.add_parser("bench", help="benchmarks that print measured numbers")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name in BENCH_MODULES:
-        importlib.import_module(name).register(bench_sub)
+    if with_bench:
+        for name in BENCH_MODULES:
+            importlib.import_module(name).register(bench_sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_bench="bench" in words[:1]).parse_args(words)
     try:
         result = args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: what a command started is stopped on the way out (its finally blocks)

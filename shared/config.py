@@ -37,6 +37,8 @@ from pydantic_settings import (
 )
 
 Mode = Literal["disaggregated", "colocated"]
+EngineKind = Literal["torch", "emulated"]
+GPU = Literal["a100", "h100", "h200"]
 Role = Literal["prefill", "decode", "colocated"]
 DType = Literal["float32", "bfloat16"]
 # linear weights: in the engine's dtype; fp16 or int8 (torch's kernels); q8_0 or q4_1 (GGUF's blocks, our kernel)
@@ -84,6 +86,10 @@ class EngineSettings(_Section):
     compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
     paged_attention: bool = Field(default=True, description="decode attention by a C++ kernel over the paged "
                                   "cache (else gather + SDPA)")
+    tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree of an instance (emulated engine; the "
+                    "torch engine runs 1)")
+    pp: int = Field(default=1, ge=1, le=64, description="pipeline stages of an instance (emulated engine; the torch "
+                    "engine runs 1)")
     pack_bf16: bool = Field(default=True, description="bfloat16 linear weights reordered once for oneDNN, where "
                             "the CPU has its kernels")
 
@@ -169,6 +175,20 @@ class WorkerSettings(_Section):
         default=10.0, gt=0, description="a worker whose shutdown takes longer dumps its threads' stacks and exits")
 
 
+class EmulationSettings(_Section):
+    """The emulated GPU engine (`engine: emulated`, shared/engine/emulated.py): the real serving path, with
+    each step taking the time a latency profile gives for its batch on `gpu` at the role's tp and pp."""
+
+    gpu: GPU = Field(default="a100", description="the GPU emulated")
+    profile: str = Field(default="reference", description="step times: reference (the published A100 profiles: "
+                         "DistServe's for prefill and decode, vLLM's for colocated), roofline (analytical, any "
+                         "model and GPU) or a profile JSON")
+    kv_fraction: float = Field(default=1 / 1024, gt=0, le=1, description="share of the model's real KV bytes "
+                               "that moves over the transport; the rest is modelled link time")
+    link_gbps: float = Field(default=2400.0, gt=0, description="KV link from prefill to decode for the modelled "
+                             "part (2400: A100 NVLink; 25-200: across nodes)")
+
+
 class TelemetrySettings(_Section):
     exporter: Literal["none", "console", "otlp"] = Field(default="none", description="where traces go")
     otlp_endpoint: str = Field(default="http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces endpoint")
@@ -179,7 +199,10 @@ class Settings(BaseSettings):
                                       extra="forbid")
 
     model: str = Field(default="default", description="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging "
-                       "Face directory or random:<json>")
+                       "Face directory or random:<json>; with the emulated engine, a profile's model (opt-13b, ...)")
+    engine: EngineKind = Field(default="torch", description="torch (computes the model) or emulated (GPU step "
+                               "times from a latency profile; tokens are placeholders)")
+    emulation: EmulationSettings = EmulationSettings()
     mode: Mode = "disaggregated"
     nats_url: str | None = Field(default=None, description="external NATS; None: `up` starts one")
     redis_url: str | None = Field(default=None, description="external Redis; None: `up` starts one")
@@ -203,6 +226,12 @@ class Settings(BaseSettings):
     def role(self, role: Role) -> RoleSettings:
         section: RoleSettings = getattr(self, role)
         return section
+
+    @property
+    def tokenizer_model(self) -> str:
+        """The model whose tokenizer the gateway and the engines use: an emulated or random model has none
+        of its own, and takes the default model's."""
+        return "default" if self.engine == "emulated" or self.model.startswith("random:") else self.model
 
     @property
     def nats_address(self) -> str:
@@ -231,6 +260,12 @@ class Settings(BaseSettings):
             raise ValueError("chunked_prefill applies to colocated workers only")
         if self.prefill.step_interval_s or self.colocated.step_interval_s:
             raise ValueError("step_interval_s applies to decode workers only (a pace would delay prefills)")
+        if self.engine == "torch" and any(self.role(r).tp * self.role(r).pp > 1 for r in get_args(Role)):
+            raise ValueError("tp and pp above 1 need the emulated engine: the torch engine runs one CPU process "
+                             "per instance (tensor parallelism on GPUs is not built yet)")
+        if self.engine == "emulated" and self.colocated.pp > 1:
+            raise ValueError("colocated.pp: the emulated colocated baseline runs one pipeline stage (as the "
+                             "simulator's)")
         return self
 
     @classmethod
@@ -261,13 +296,15 @@ def load_settings(overrides: Mapping[str, Any] | None = None,
 # -- command-line flags ----------------------------------------------------------------------
 # Flag -> dotted settings path (ENGINE_FLAGS: under a role's section); type and help come from the field.
 # Only flags the user gave (not None) override the other sources.
-COMMON_FLAGS = {"--model": "model", "--nats-url": "nats_url", "--redis-url": "redis_url",
+COMMON_FLAGS = {"--model": "model", "--engine": "engine", "--gpu": "emulation.gpu",
+                "--latency-profile": "emulation.profile", "--nats-url": "nats_url", "--redis-url": "redis_url",
                 "--transport": "worker.transport", "--transfer-host": "worker.transfer_host",
                 "--kv-failure-policy": "worker.kv_failure_policy", "--otel": "telemetry.exporter",
                 "--otlp-endpoint": "telemetry.otlp_endpoint"}
 GATEWAY_FLAGS = {"--host": "gateway.host", "--port": "gateway.port", "--max-pending": "gateway.max_pending"}
 ENGINE_FLAGS = {"--max-num-batched-tokens": "max_num_batched_tokens", "--max-num-seqs": "max_num_seqs",
-                "--kv-cache-gib": "kv_cache_memory_gib", "--threads": "num_threads", "--weights": "weights"}
+                "--kv-cache-gib": "kv_cache_memory_gib", "--threads": "num_threads", "--weights": "weights",
+                "--tp": "tp", "--pp": "pp"}
 
 
 def add_flags(parser: argparse.ArgumentParser, table: Mapping[str, str], prefix: str = "") -> None:

@@ -10,10 +10,10 @@ one message.
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -23,7 +23,6 @@ from services.worker.cli import add_worker_command
 from services.worker.kv_handoff import Arrival, KVReceiver
 from services.worker.runner import StepResult
 from shared import protocol as p
-from shared.engine import LLMEngine
 from shared.telemetry import extract_context
 
 
@@ -106,7 +105,7 @@ class DecodeWorker(Worker):
         if self.requests.pop(request_id, None) is None:
             return
         if not self.kv.cancel(request_id):  # it is in the decode batch
-            await self.engine_call(functools.partial(LLMEngine.abort, request_id=request_id))
+            await self.engine_call(methodcaller("abort", request_id))
             self.kv.room()
         self.report_soon()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
-import functools
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
+from operator import methodcaller
 from typing import Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
@@ -33,7 +33,7 @@ from shared import protocol as p
 from shared.config import RoleSettings, Settings
 from shared.control_plane import connect_nats
 from shared.cpus import lower_priority
-from shared.engine import EngineConfig, LLMEngine, StepOutput
+from shared.engine import Engine, EngineConfig, StepOutput
 from shared.protocol import M
 from shared.state import RequestFields, StateWriter, connect_redis, push_steps, steps_key
 from shared.tasks import cancel_all
@@ -81,7 +81,7 @@ class Worker(ABC):
         self.redis: aioredis.Redis | None = None
         self.state = StateWriter(None, settings.request_ttl_s)
         self.transport: KVTransport | None = None
-        self.engine: LLMEngine | None = None
+        self.engine: Engine | None = None
         self.runner: EngineRunner[Any] | None = None
 
     # -- what roles provide ---------------------------------------------------------------------------
@@ -137,13 +137,20 @@ class Worker(ABC):
     async def on_abort(self, request_id: str) -> None:
         """Forget a request everywhere it may be (the gateway aborted it)."""
         if self.requests.pop(request_id, None) is not None:
-            await self.engine_call(functools.partial(LLMEngine.abort, request_id=request_id))
+            await self.engine_call(methodcaller("abort", request_id))
             self.report_soon()
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    def build_engine(self) -> LLMEngine:
-        return LLMEngine(EngineConfig.of(self.engine_settings, self.settings.model, self.role))
+    def build_engine(self) -> Engine:
+        config = EngineConfig.of(self.engine_settings, self.settings.model, self.role)
+        if self.settings.engine == "emulated":  # no torch in this process
+            from services.worker.emulation import emulated_engine
+
+            return emulated_engine(config, self.settings)
+        from shared.engine.engine import LLMEngine
+
+        return LLMEngine(config)
 
     def stop(self) -> None:
         self._stop.set()
@@ -260,7 +267,7 @@ class Worker(ABC):
         status = 400 if isinstance(error, ValueError) else 500
         self.spawn(self.send_error(req.reply_to, req.request_id, str(error), status))
 
-    def engine_call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
+    def engine_call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]:
         assert self.runner is not None
         return self.runner.call(fn)
 

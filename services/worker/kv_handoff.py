@@ -1,6 +1,6 @@
 """The KV hand-off: how a request's KV cache moves from the prefill worker that computed it to the
 decode worker that continues it. Both halves live here. Under them, the transports (shared/transfer)
-only move bytes; the engine (`LLMEngine.kv_export`, `kv_import_*`) only reads and writes its blocks.
+only move bytes; the engine (`Engine.kv_export`, `kv_import_*`) only reads and writes its blocks.
 
 The contract, in the order things happen:
 
@@ -47,13 +47,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from operator import methodcaller
 from typing import Any, Literal, Protocol, TypeVar
-
-import torch
 
 from shared import protocol as p
 from shared.config import WorkerSettings
-from shared.engine import KVExport, KVMeta, LLMEngine, StepOutput
+from shared.engine import Engine, KVExport, KVMeta, StepOutput
+from shared.engine.api import KVView
 from shared.transfer import KVTransport, TransferError, TransferStats
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class WorkerPort(Protocol):
 
     instance_id: str
 
-    def engine_call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]: ...
+    def engine_call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]: ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any] | asyncio.Future[Any]) -> asyncio.Future[Any]: ...
 
@@ -85,7 +85,7 @@ class KVSender:
         self.held: dict[str, float] = {}  # request id -> monotonic time its KV was offered
 
     @staticmethod
-    def export(engine: LLMEngine, outputs: list[StepOutput]) -> dict[str, KVExport]:
+    def export(engine: Engine, outputs: list[StepOutput]) -> dict[str, KVExport]:
         """Step 1, on the engine thread right after the step (an abort may have freed one since: skipped)."""
         exports: dict[str, KVExport] = {}
         for out in outputs:
@@ -110,7 +110,7 @@ class KVSender:
         """Step 3 (release, abort or lease): no new pull starts, and the engine frees the blocks."""
         self.transport.withdraw(request_id)
         if self.held.pop(request_id, None) is not None:
-            self.worker.spawn(self.worker.engine_call(functools.partial(LLMEngine.abort, request_id=request_id)))
+            self.worker.spawn(self.worker.engine_call(methodcaller("abort", request_id)))
             self.worker.report_soon()
 
     async def run_lease(self) -> None:
@@ -211,7 +211,7 @@ class KVReceiver:
                 if len(begun) < len(metas):
                     break  # the head does not fit yet: wait for room
 
-    async def _pull(self, incoming: _Incoming, views: list[torch.Tensor]) -> None:
+    async def _pull(self, incoming: _Incoming, views: list[KVView]) -> None:
         """Steps 6 and 7."""
         kv, request_id = incoming.request.kv, incoming.request.request_id
         started = time.time()
@@ -223,7 +223,7 @@ class KVReceiver:
         if incoming.aborted:
             self._drop(request_id)
             return
-        await self.worker.engine_call(functools.partial(LLMEngine.kv_import_commit, request_id=request_id))
+        await self.worker.engine_call(methodcaller("kv_import_commit", request_id))
         if incoming.aborted:  # while committing: it is in the decode batch now, and leaves it
             self._drop(request_id)
             return
@@ -234,7 +234,7 @@ class KVReceiver:
         log.warning("%s: KV pull of %s failed (%s); policy %s", self.worker.instance_id, request_id, exc, policy)
         if exc.exposed is not None:  # late bytes of the pull may still land in its blocks: never reuse them
             set_aside = await self.worker.engine_call(
-                functools.partial(LLMEngine.kv_import_set_aside, request_id=request_id))
+                methodcaller("kv_import_set_aside", request_id))
             self.worker.spawn(self._free_when_settled(set_aside, exc.exposed))
         if incoming.aborted or policy == "fail":
             self._drop(request_id)
@@ -247,7 +247,7 @@ class KVReceiver:
     async def _recompute(self, incoming: _Incoming, started: float, reason: str) -> None:
         """Prefill the request's tokens here, into the blocks reserved for the KV that did not come."""
         request_id = incoming.request.request_id
-        await self.worker.engine_call(functools.partial(LLMEngine.kv_import_recompute, request_id=request_id))
+        await self.worker.engine_call(methodcaller("kv_import_recompute", request_id))
         if incoming.aborted:
             self._drop(request_id)
             return
@@ -256,7 +256,7 @@ class KVReceiver:
     async def _free_when_settled(self, blocks: list[int], exposed: Callable[[], bool]) -> None:
         while exposed():
             await asyncio.sleep(0.5)
-        await self.worker.engine_call(functools.partial(LLMEngine.free_set_aside, blocks=blocks))
+        await self.worker.engine_call(methodcaller("free_set_aside", blocks))
         self.room()
         self.worker.report_soon()
 
@@ -271,14 +271,14 @@ class KVReceiver:
 
     def _drop(self, request_id: str) -> None:
         """An aborted or failed import: the engine frees its blocks, wherever it got to."""
-        self.worker.spawn(self.worker.engine_call(functools.partial(LLMEngine.abort, request_id=request_id)))
+        self.worker.spawn(self.worker.engine_call(methodcaller("abort", request_id)))
         self._room.set()
 
 
-Reserved = tuple[str, list[torch.Tensor] | Exception]
+Reserved = tuple[str, list[KVView] | Exception]
 
 
-def _reserve(engine: LLMEngine, metas: list[KVMeta]) -> list[Reserved]:
+def _reserve(engine: Engine, metas: list[KVMeta]) -> list[Reserved]:
     """On the engine thread: reserve blocks for the queue's head, FCFS, until one does not fit.
 
     A request the engine refuses outright (too long, another model's layout) comes back with its error."""

@@ -1,4 +1,4 @@
-"""EngineRunner: an LLMEngine's step loop on its own thread, driven from an asyncio event loop.
+"""EngineRunner: an Engine's step loop on its own thread, driven from an asyncio event loop.
 
 A call never makes the event loop wait for the engine's lock: `call` runs it inline when the lock is
 free and no earlier call is pending (the common case; a thread hand-off cost an idle worker's TTFT
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from shared.engine import EngineStats, LLMEngine, StepOutput
+from shared.engine import Engine, EngineStats, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class StepResult(Generic[X]):
 
 
 class EngineRunner(Generic[X]):
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop,
                  on_step: Callable[[StepResult[X]], None],
                  post_step: Callable[[list[StepOutput]], X] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None, min_interval: float = 0.0) -> None:
@@ -63,7 +63,7 @@ class EngineRunner(Generic[X]):
     def start(self) -> None:
         self._thread.start()
 
-    def call(self, fn: Callable[[LLMEngine], T]) -> asyncio.Future[T]:
+    def call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]:
         """Run fn(engine) after every earlier call; its result (or exception) on the loop.
 
         Engine calls are short (queue, reserve, free): inline when that cannot wait for a lock, else
@@ -89,7 +89,7 @@ class EngineRunner(Generic[X]):
             self._called()
         return future
 
-    def _call(self, fn: Callable[[LLMEngine], T]) -> T:
+    def _call(self, fn: Callable[[Engine], T]) -> T:
         try:
             return fn(self.engine)
         finally:

@@ -6,14 +6,17 @@ import argparse
 import itertools
 import sys
 import time
-from typing import Any, TextIO, get_args
+from typing import TYPE_CHECKING, Any, TextIO, get_args
 
 from pydantic import ValidationError
 
 from shared.argtypes import positive_int
+from shared.engine.api import StepOutput
 from shared.engine.config import EngineConfig, Weights
-from shared.engine.engine import LLMEngine, StepOutput
 from shared.engine.sequence import SamplingParams
+
+if TYPE_CHECKING:
+    from shared.engine.engine import LLMEngine
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -64,6 +67,7 @@ def error_text(e: Exception) -> str:
 
 def build(args: argparse.Namespace) -> tuple[LLMEngine, SamplingParams]:
     """Validate the sampling flags first: a typo should not cost a model load."""
+    from shared.engine.engine import LLMEngine  # torch: loaded by the commands that run the model only
     params = sampling_from_args(args)
     engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, weights=args.weights,
                                     compile=args.compile, max_num_seqs=1, kv_cache_memory_gib=0.25))

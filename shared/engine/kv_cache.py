@@ -1,4 +1,5 @@
-"""The paged KV cache: block-major tensor storage and the block manager that hands out blocks.
+"""The paged KV cache: block-major tensor storage (the block manager that hands out its blocks is
+shared/engine/blocks.py).
 
 Layout: one tensor [num_blocks, num_layers, 2 (K, V), block_size, kv_heads, head_dim]. A block holds
 every layer's K and V for `block_size` consecutive tokens, so one request's whole KV cache is one
@@ -7,11 +8,11 @@ contiguous byte range per run of consecutive block ids: what the KV transfer mov
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 import torch
 
+from shared.engine.blocks import runs
 from shared.engine.config import ModelConfig
 
 
@@ -56,59 +57,4 @@ class KVCache:
 
     def views(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
         """Contiguous views over the given blocks, one per run of consecutive ids, in order."""
-        return [self.data[start:start + length] for start, length in _runs(block_ids)]
-
-
-def _runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for block in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == block:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((block, 1))
-    return runs
-
-
-class BlockManager:
-    """Hands out KV blocks. Lowest free id first, so a request's blocks tend to be one contiguous run."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks))  # a min-heap
-        self._ref_counts = [0] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        if not self.can_allocate(num_blocks):
-            raise MemoryError(f"need {num_blocks} KV blocks, {len(self._free)} free")
-        blocks = [heapq.heappop(self._free) for _ in range(num_blocks)]
-        for b in blocks:
-            self._ref_counts[b] = 1
-        return blocks
-
-    def grow(self, block_table: list[int], num_tokens: int) -> bool:
-        """Extend block_table to hold num_tokens tokens. False (and no change) if memory is short."""
-        extra = self.blocks_needed(num_tokens) - len(block_table)
-        if extra <= 0:
-            return True
-        if not self.can_allocate(extra):
-            return False
-        block_table.extend(self.allocate(extra))
-        return True
-
-    def free(self, block_table: list[int]) -> None:
-        for b in block_table:
-            self._ref_counts[b] -= 1
-            if self._ref_counts[b] == 0:
-                heapq.heappush(self._free, b)
-        block_table.clear()
+        return [self.data[start:start + length] for start, length in runs(block_ids)]

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from shared.engine.blocks import BlockManager
 from shared.engine.config import EngineConfig
-from shared.engine.kv_cache import BlockManager
 from shared.engine.sequence import Sequence, Status
 
 ScheduledBatch = list[tuple[Sequence, int]]  # (sequence, number of new tokens)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Status(enum.Enum):

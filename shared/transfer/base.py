@@ -5,8 +5,9 @@ hand-off, services/worker/kv_handoff.py. A `KVTransport` only moves bytes: a pre
 a held request's KV views under a transfer id; a decode worker `pull`s them into the views it
 reserved. The prefill side never pushes.
 
-Both sides see a list of contiguous tensors and treat it as one byte stream: view sizes may differ
-between the two sides (different block ids make different runs), only the total must match.
+Both sides see a list of contiguous buffers (torch tensors; numpy arrays for the emulated engine) and
+treat it as one byte stream: view sizes may differ between the two sides (different block ids make
+different runs), only the total must match.
 
 Implementations register in `TRANSPORTS` by name and are built with `create_transport(name, host)`
 ("auto": ucx where ucxx is installed, else tcp);
@@ -23,8 +24,9 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
+import numpy as np
 
+from shared.engine.api import KVView
 from shared.tasks import cancel_all
 
 log = logging.getLogger(__name__)
@@ -90,13 +92,13 @@ class KVTransport(ABC):
     def address(self) -> str: ...
 
     @abstractmethod
-    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None: ...
+    def offer(self, transfer_id: str, views: Sequence[KVView]) -> None: ...
 
     @abstractmethod
     def withdraw(self, transfer_id: str) -> None: ...
 
     @abstractmethod
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
                    timeout: float) -> TransferStats: ...
 
     @abstractmethod
@@ -133,19 +135,25 @@ def create_transport(name: str, host: str = "127.0.0.1") -> KVTransport:
 
 # -- byte-stream helpers shared by implementations ----------------------------------------------
 
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """A zero-copy, writable byte view of a contiguous CPU tensor."""
-    if not tensor.is_contiguous():
+def byte_view(view: KVView) -> memoryview:
+    """A zero-copy, writable byte view of a contiguous CPU tensor or numpy array."""
+    if isinstance(view, np.ndarray):
+        if not view.flags.c_contiguous:
+            raise ValueError("KV views must be contiguous")
+        return memoryview(view).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+    if not view.is_contiguous():
         raise ValueError("KV views must be contiguous")
-    flat = tensor.reshape(-1).view(torch.uint8)
+    import torch  # loaded already: whoever made the tensor imported it
+
+    flat = view.reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
 
 
-def total_nbytes(views: Sequence[torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in views)
+def total_nbytes(views: Sequence[KVView]) -> int:
+    return sum(int(v.nbytes) for v in views)
 
 
-def chunks(views: Sequence[torch.Tensor], max_chunk: int) -> Iterator[memoryview]:
+def chunks(views: Sequence[KVView], max_chunk: int) -> Iterator[memoryview]:
     """The byte stream of `views` as memoryviews of at most `max_chunk` bytes, in order."""
     for view in views:
         data = byte_view(view)

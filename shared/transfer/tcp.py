@@ -16,8 +16,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-import torch
-
+from shared.engine.api import KVView
 from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view, chunks, total_nbytes
 
 MAGIC = b"DSKV"
@@ -63,7 +62,7 @@ class TcpTransport(KVTransport):
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__(host)
-        self._offers: dict[str, list[torch.Tensor]] = {}
+        self._offers: dict[str, list[KVView]] = {}
         self._listener: socket.socket | None = None
         self._port = 0
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # pooled client connections
@@ -86,7 +85,7 @@ class TcpTransport(KVTransport):
             raise RuntimeError("transport not started")
         return f"tcp://{self.host}:{self._port}"
 
-    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None:
+    def offer(self, transfer_id: str, views: Sequence[KVView]) -> None:
         self._offers[transfer_id] = list(views)
 
     def withdraw(self, transfer_id: str) -> None:
@@ -124,7 +123,7 @@ class TcpTransport(KVTransport):
 
     # -- pulling (decode side) --------------------------------------------------------------------
 
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
                    timeout: float) -> TransferStats:
         start = time.perf_counter()
         try:
@@ -136,7 +135,7 @@ class TcpTransport(KVTransport):
             raise TransferError(f"pull of {transfer_id!r} from {peer_address} failed: {exc}") from exc
         return TransferStats(nbytes, time.perf_counter() - start, self.name)
 
-    async def _pull(self, peer: tuple[str, int], transfer_id: str, dest: Sequence[torch.Tensor]) -> int:
+    async def _pull(self, peer: tuple[str, int], transfer_id: str, dest: Sequence[KVView]) -> int:
         loop = asyncio.get_running_loop()
         idle = self._idle.setdefault(peer, [])
         conn = idle.pop() if idle else await self._connect(peer)

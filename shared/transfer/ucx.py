@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from shared.engine.api import KVView
 from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 ignores
@@ -215,7 +215,7 @@ class UcxTransport(KVTransport):
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__(host)
-        self._offers: dict[str, list[torch.Tensor]] = {}
+        self._offers: dict[str, list[KVView]] = {}
         self._worker: Any = None
         self._context: Any = None
         self._progress: _Progress | None = None
@@ -264,7 +264,7 @@ class UcxTransport(KVTransport):
 
     # -- serving (prefill side) -------------------------------------------------------------------
 
-    def offer(self, transfer_id: str, views: Sequence[torch.Tensor]) -> None:
+    def offer(self, transfer_id: str, views: Sequence[KVView]) -> None:
         self._offers[transfer_id] = list(views)
 
     def withdraw(self, transfer_id: str) -> None:
@@ -337,7 +337,7 @@ class UcxTransport(KVTransport):
 
     # -- pulling (decode side) --------------------------------------------------------------------
 
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[torch.Tensor],
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
                    timeout: float) -> TransferStats:
         if self._progress is None:
             raise RuntimeError("transport not started")
