@@ -115,6 +115,9 @@ class WorkerInfo(Message):
     transport: str | None = None  # KV transport name (prefill, decode)
     transfer_address: str | None = None  # where decode workers pull this prefill worker's KV
     load: WorkerLoad = WorkerLoad()
+    engine: str = "torch-cpu"  # what computes its steps: torch-cpu, or emulated-<gpu> (no model runs)
+    tp: int = 1  # the instance's parallelism (its placement in a plan)
+    pp: int = 1
     # The periodic heartbeat lists the requests the worker has (queued, pulling, running, or held for a
     # pull): a request its gateway placed here that stays missing was lost with a control message (NATS
     # delivers at most once) and is sent again. None in the reports on load changes.

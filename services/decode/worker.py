@@ -39,7 +39,9 @@ class DecodeWorker(Worker):
     kv: KVReceiver
 
     async def start(self) -> list[Coroutine[Any, Any, None]]:
-        self.kv = KVReceiver(self, self.kv_transport(), self.settings.worker, self._arrived)
+        assert self.engine is not None
+        self.kv = KVReceiver(self, self.kv_transport(), self.settings.worker, self._arrived,
+                             modelled_s=self.engine.modelled_transfer_s)
         return [self.kv.run()]
 
     def load(self) -> p.WorkerLoad:

@@ -51,8 +51,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model_name = model_display_name(settings.model)
-        model = "default" if settings.model.startswith("random:") else settings.model
-        self.tokenizer: Tokenizer = load_tokenizer(model)
+        self.tokenizer: Tokenizer = load_tokenizer(settings.tokenizer_model)
         self.api_keys = APIKeys.from_settings(settings.gateway)
         self.registry = Registry(settings.worker.dead_after_s)
         self.metrics = GatewayMetrics(self.registry)

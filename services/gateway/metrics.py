@@ -68,6 +68,9 @@ class WorkerLoadCollector(Collector):
         }
         usage = GaugeMetricFamily("distserve_worker_kv_usage_ratio", "fraction of KV blocks in use", labels=labels)
         alive = GaugeMetricFamily("distserve_workers_alive", "live workers by role", labels=["role"])
+        info = GaugeMetricFamily("distserve_worker_info", "1 per live worker: its model, engine (emulated-<gpu>: "
+                                 "modelled steps, no model runs) and parallelism",
+                                 labels=[*labels, "model", "engine", "tp", "pp"])
         counts: dict[str, int] = {"prefill": 0, "decode": 0, "colocated": 0}
         for inst in list(self.workers.instances.values()):
             values = [inst.instance_id, inst.role]
@@ -76,9 +79,12 @@ class WorkerLoadCollector(Collector):
                 family.add_metric(values, getattr(load, field))
             if load.total_blocks:
                 usage.add_metric(values, 1 - load.free_blocks / load.total_blocks)
+            w = inst.info
+            info.add_metric([*values, w.model, w.engine, str(w.tp), str(w.pp)], 1)
             counts[inst.role] += 1
         for role, n in counts.items():
             alive.add_metric([role], n)
         yield from families.values()
         yield usage
         yield alive
+        yield info

@@ -45,23 +45,29 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_profiles(args: argparse.Namespace) -> tuple[LatencyModel, LatencyModel]:
     """(disaggregated engine's profile, colocated baseline's profile) for --model/--gpu/--profile."""
-    gpu = gpu_spec(args.gpu)
-    key = model_key(args.model)
-    if args.profile == "reference":
+    return profiles_for(args.model, args.gpu, args.profile)
+
+
+def profiles_for(model: str, gpu_name: str, profile: str) -> tuple[LatencyModel, LatencyModel]:
+    """(disaggregated engine's profile, colocated baseline's profile): `reference` (the published A100
+    profiles: DistServe's and vLLM's), `roofline` (one analytical profile for both) or a profile file."""
+    gpu = gpu_spec(gpu_name)
+    key = model_key(model)
+    if profile == "reference":
         if gpu.name != "a100":
-            raise ValueError(f"{REFERENCE_NOTE}; use --profile roofline for {gpu.name}")
+            raise ValueError(f"{REFERENCE_NOTE}; use the roofline profile for {gpu.name}")
         ours, vllm = reference_profiles("distserve"), reference_profiles("vllm")
         if key not in ours or key not in vllm:
-            raise ValueError(f"{REFERENCE_NOTE}, not {args.model!r}; use --profile roofline")
+            raise ValueError(f"{REFERENCE_NOTE}, not {model!r}; use the roofline profile")
         return ours[key], vllm[key]
-    if args.profile == "roofline":
+    if profile == "roofline":
         from services.planner.roofline import roofline_model
 
-        model = roofline_model(model_shape(args.model), gpu)
-        return model, model
-    models = load_profiles(args.profile)
+        analytical = roofline_model(model_shape(model), gpu)
+        return analytical, analytical
+    models = load_profiles(profile)
     if key not in models:
-        raise ValueError(f"profile {args.profile} has no model {key!r} (it has {sorted(models)})")
+        raise ValueError(f"profile {profile} has no model {key!r} (it has {sorted(models)})")
     return models[key], models[key]
 
 

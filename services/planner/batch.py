@@ -36,8 +36,7 @@ class DecodeBatch:
         """(alpha, beta) in seconds for the current batch."""
         n = self.n
         k = min(self.pp, n)
-        c = self.step.decode_coeffs(n / k)
-        return (c.a + (c.b * self.sum_ctx + c.c * n) / k) / 1000.0, c.b * n / k / 1000.0
+        return self.step.decode_round(n, self.sum_ctx, self.pp), self.step.decode_coeffs(n / k).b * n / k / 1000.0
 
     def duration(self, m: int) -> float:
         """Seconds for the next m rounds."""

@@ -72,6 +72,13 @@ class StepProfile:
     def decode_time(self, batch: int, sum_ctx: float) -> float:
         return self.decode_coeffs(batch).ms(sum_ctx, batch) / 1000.0
 
+    def decode_round(self, batch: int, sum_ctx: float, pp: int = 1) -> float:
+        """One token for each of `batch` requests over `pp` stages: k = min(pp, batch) micro-batches
+        each take 1/k of the batch's work, A + (B * sum_ctx + C * batch) / k in all."""
+        k = min(pp, batch)
+        c = self.decode_coeffs(batch / k)
+        return (c.a + (c.b * sum_ctx + c.c * batch) / k) / 1000.0
+
 
 @dataclass(frozen=True)
 class LatencyModel:

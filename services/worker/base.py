@@ -180,8 +180,9 @@ class Worker(ABC):
         if self.redis is not None:
             self.spawn(self._step_records_loop(self.redis))
         await self.report()
-        log.info("%s ready: model %s, dtype %s, weights %s, %d KV blocks, max_model_len %d", self.instance_id,
-                 self.engine.model_name, self.engine.config.dtype, self.engine.config.weights,
+        log.info("%s ready: model %s, engine %s (TP%d x PP%d), dtype %s, weights %s, %d KV blocks, max_model_len %d",
+                 self.instance_id, self.engine.model_name, self.engine.label, self.engine.config.tp,
+                 self.engine.config.pp, self.engine.config.dtype, self.engine.config.weights,
                  self.runner.stats.total_blocks, self.engine.max_model_len)
         try:
             await self._stop.wait()
@@ -321,6 +322,7 @@ class Worker(ABC):
             started_at=self.started_at, seq=self._seq,
             transport=self.transport.name if self.transport else None,
             transfer_address=self.transport.address if self.transport else None, load=self.load(),
+            engine=self.engine.label, tp=self.engine.config.tp, pp=self.engine.config.pp,
             serving=self.serving() if serving else None, sent_at=time.time(),
         )
 

@@ -20,7 +20,8 @@ Decode side, `KVReceiver`
     prefill memory, so a burst backs up there, not here.
  5. The head of the queue is reserved (`kv_import_begin`) once the engine has room for it; nothing
     behind it starts first.
- 6. Its bytes are pulled over the transport straight into the reserved blocks.
+ 6. Its bytes are pulled over the transport straight into the reserved blocks (the emulated engine
+    moves a fraction of them and waits the modelled link time of the rest).
  7. Pulled: `kv_import_commit` (it joins the decode batch), then KVRelease(pulled=True). Failed (peer
     gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
     prefills the request here into the reserved blocks (the same continuation: a seeded sample
@@ -153,11 +154,13 @@ class _Incoming:
 
 class KVReceiver:
     def __init__(self, worker: WorkerPort, transport: KVTransport, settings: WorkerSettings,
-                 on_arrival: Callable[[Arrival], Awaitable[None]]) -> None:
+                 on_arrival: Callable[[Arrival], Awaitable[None]],
+                 modelled_s: Callable[[KVMeta], float] = lambda meta: 0.0) -> None:
         self.worker = worker
         self.transport = transport
         self.settings = settings
         self.on_arrival = on_arrival
+        self.modelled_s = modelled_s  # link time a pull takes beyond its real bytes (the emulated engine's)
         self.incoming: dict[str, _Incoming] = {}  # queued or pulling
         self.queue: deque[str] = deque()  # FCFS, waiting for room
         self._room = asyncio.Event()
@@ -220,6 +223,9 @@ class KVReceiver:
         except TransferError as exc:
             await self._failed(incoming, started, exc)
             return
+        modelled = self.modelled_s(incoming.meta)
+        if modelled > 0:  # the emulated link: the bytes that did not move take this long
+            await asyncio.sleep(modelled)
         if incoming.aborted:
             self._drop(request_id)
             return

@@ -129,10 +129,11 @@ class EngineCore(ABC):
             seq.num_emitted_chars = min(num_emitted_chars, len(seq.text))
         with self.lock:
             self.scheduler.add(seq)
-            self._added()
+            self._work_changed()
 
-    def _added(self) -> None:
-        """A request joined the queue (the emulated pipeline wakes on it); nothing to do by default."""
+    def _work_changed(self) -> None:
+        """A request joined the queue or blocks were freed (the emulated pipeline waits on it); by default
+        nothing: the worker's step loop is woken by every call anyway."""
         return None
 
     def abort(self, request_id: str) -> bool:
@@ -140,12 +141,14 @@ class EngineCore(ABC):
             if request_id in self._in_flight:  # its blocks are being written: free them after the step
                 self._abort_after_step.add(request_id)
                 return self.scheduler.get(request_id) is not None
+            self._work_changed()
             return self.scheduler.abort(request_id)
 
     def release(self, request_id: str) -> None:
         """Prefill role: the decode side has the KV now; free it."""
         with self.lock:
             self.scheduler.release(request_id)
+            self._work_changed()
 
     def has_unfinished(self) -> bool:
         with self.lock:
@@ -269,7 +272,7 @@ class EngineCore(ABC):
         """The transfer failed: compute the request's KV here from its tokens instead (same continuation)."""
         with self.lock:
             self.scheduler.recompute_import(request_id).kv_staging = None
-            self._added()
+            self._work_changed()
 
     def kv_import_set_aside(self, request_id: str) -> list[int]:
         """A failed transfer may still write into the request's reserved blocks: they leave it, still
