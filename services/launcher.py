@@ -33,6 +33,7 @@ from types import FrameType
 
 import httpx
 
+from services.planner.deployment import PlannedDeployment, deep_merge
 from shared.argtypes import cpu_list
 from shared.config import (
     COMMON_FLAGS,
@@ -41,7 +42,8 @@ from shared.config import (
     Settings,
     add_config_flag,
     add_flags,
-    settings_from_args,
+    load_settings,
+    overrides_from_args,
 )
 from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, pin_process
 from shared.credentials import write_private
@@ -76,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="pin each worker to CPUs of its own, in start order (prefill, then decode)")
     parser.add_argument("--service-cpus", dest="cfg:service_cpus", type=cpu_list, default=None,
                         help="CPUs for the gateway, NATS and Redis, e.g. 1 or 0,2-3 (default: any)")
+    parser.add_argument("--plan", type=Path, help="start what `distserve plan --yaml` planned: its prefill and decode "
+                        "instances with their TP and PP (emulated GPUs for a reference or roofline plan); flags "
+                        "given here override it")
+    parser.add_argument("--baseline", action="store_true", help="with --plan: start the plan's colocated baseline "
+                        "instead")
     parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=run)
 
@@ -127,6 +134,18 @@ def worker_threads(settings: Settings, role: str) -> int:
     threads = getattr(settings, role).num_threads
     assert threads is not None  # split_threads has run
     return int(threads)
+
+
+def up_settings(args: argparse.Namespace) -> Settings:
+    """The flags over the plan (`--plan`) over the environment over the config file."""
+    overrides = overrides_from_args(args)
+    if args.baseline and not args.plan:
+        raise ValueError("--baseline starts a plan's colocated baseline: give --plan too")
+    if args.plan:
+        plan = PlannedDeployment.load(args.plan)
+        overrides = deep_merge(plan.overrides(baseline=args.baseline), overrides)
+        log.info("plan %s: %s at %g req/s, %s", args.plan, plan.model, plan.rate, plan.describe(args.baseline))
+    return load_settings(overrides, args.config)
 
 
 def check_counts(settings: Settings) -> None:
@@ -307,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s up %(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per health poll
     try:
-        settings = settings_from_args(args)
+        settings = up_settings(args)
         check_counts(settings)
     except ValueError as exc:
         print(f"distserve up: {exc}", file=sys.stderr)

@@ -1,17 +1,22 @@
 """The emulated GPU engine through the real stack (gateway, NATS, KV transport, Redis): one request's
-phases take the latency profile's times, and every report says it is emulated."""
+phases take the latency profile's times, every report says it is emulated, and `up --plan` starts
+what a plan says."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import openai
+import yaml
 
+from services.cli import build_parser
+from services.launcher import Stack, up_settings
 from services.planner.latency import reference_profiles
-from shared.servers import NatsServer, RedisServer
+from shared.servers import NatsServer, RedisServer, free_port
 from tests.services.conftest import request_states, start_stack
-from tests.services.test_stack import kv_in_use, wait_until
+from tests.services.test_stack import kv_in_use, metric, wait_until
 
 PROMPT_TOKENS = [100 + i % 1000 for i in range(600)]
 OUTPUT_TOKENS = 24
@@ -55,3 +60,33 @@ async def test_one_request_takes_the_profiles_ttft_and_tpot(redis_server: RedisS
         finally:
             stack.stop()
 
+
+
+def test_up_plan_starts_the_planned_instances(redis_server: RedisServer, tmp_path: Path) -> None:
+    plan = {"model": "opt-13b", "hardware": "a100-80g", "profile": "reference:distserve", "rate": 4,
+            "prefill": {"tp": 1, "pp": 3, "instances": 1}, "decode": {"tp": 2, "pp": 1, "instances": 2},
+            "kv_bandwidth_gbps": 200}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    with NatsServer() as nats:
+        args = build_parser(with_bench=False).parse_args(
+            ["up", "--plan", str(tmp_path / "plan.yaml"), "--nats-url", nats.url, "--redis-url", redis_server.url,
+             "--port", str(free_port())])
+        stack = Stack(up_settings(args), "WARNING", announce=False)
+        try:
+            stack.start()
+            stack.wait_ready(120)
+            assert wait_until(lambda: metric(stack, "distserve_workers_alive", role="decode") == 2)
+            info = [line for line in httpx.get(f"{stack.url}/metrics").text.splitlines()
+                    if line.startswith("distserve_worker_info{")]
+            assert sorted(info) == [
+                'distserve_worker_info{engine="emulated-a100",instance="decode-0",model="opt-13b",pp="1",role="decode",'
+                'tp="2"} 1.0',
+                'distserve_worker_info{engine="emulated-a100",instance="decode-1",model="opt-13b",pp="1",role="decode",'
+                'tp="2"} 1.0',
+                'distserve_worker_info{engine="emulated-a100",instance="prefill-0",model="opt-13b",pp="3",'
+                'role="prefill",tp="1"} 1.0']
+            reply = httpx.post(f"{stack.url}/v1/completions", timeout=30, json={
+                "model": "opt-13b", "prompt": PROMPT_TOKENS, "max_tokens": 8, "ignore_eos": True}).json()
+            assert reply["choices"][0]["text"] == " Emulated tokens: the step took the"
+        finally:
+            stack.stop()

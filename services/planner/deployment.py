@@ -1,0 +1,103 @@
+"""A plan, deployed: the settings that start exactly what `distserve plan --yaml` planned.
+
+`up --plan plan.yaml` and `bench compare --plan plan.yaml` read the plan here and turn it into the
+settings overrides of a stack: the planned number of prefill and decode instances with their TP and
+PP (or the plan's colocated baseline). A plan made from the published A100 profiles (`reference`) or
+the analytical one (`roofline`) runs on the emulated GPU engine with that profile, the plan's GPU and
+its KV link; a plan from this machine's measured profile runs the torch engine, which serves TP1 x PP1
+instances only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.planner.specs import gpu_spec
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PlannedPhase(_Part):
+    tp: int = Field(ge=1)
+    pp: int = Field(default=1, ge=1)
+    instances: int = Field(ge=1)
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.instances
+
+
+class PlannedDeployment(_Part):
+    """The parts of a plan (services/planner/report.py's `plan_to_dict`) that say what to start."""
+
+    model: str
+    hardware: str
+    profile: str  # the plan's profile source: reference:distserve, roofline, measured:..., file
+    rate: float
+    prefill: PlannedPhase
+    decode: PlannedPhase
+    baseline: PlannedPhase | None = None  # the colocated deployment it was compared with
+    kv_bandwidth_gbps: float = Field(gt=0)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlannedDeployment:
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"plan {path}: {exc}") from exc
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"plan {path} is not a plan from `distserve plan --yaml` ({fields})") from None
+
+    @property
+    def emulated(self) -> bool:
+        """A plan for GPUs (published or analytical profiles) runs on emulated GPUs here."""
+        return self.profile.startswith("reference") or self.profile == "roofline"
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill.gpus + self.decode.gpus
+
+    def engine_overrides(self) -> dict[str, Any]:
+        if not self.emulated:
+            return {"engine": "torch"}
+        profile = "reference" if self.profile.startswith("reference") else "roofline"
+        return {"engine": "emulated", "model": self.model,
+                "emulation": {"gpu": gpu_spec(self.hardware).name, "profile": profile,
+                              "link_gbps": self.kv_bandwidth_gbps}}
+
+    def overrides(self, baseline: bool = False) -> dict[str, Any]:
+        """Settings overrides (load_settings' nested dict) that start this deployment, or its baseline."""
+        if not baseline:
+            return {**self.engine_overrides(), "mode": "disaggregated",
+                    "prefill_instances": self.prefill.instances, "decode_instances": self.decode.instances,
+                    "prefill": {"tp": self.prefill.tp, "pp": self.prefill.pp},
+                    "decode": {"tp": self.decode.tp, "pp": self.decode.pp}}
+        if self.baseline is None:
+            raise ValueError("this plan has no colocated baseline")
+        return {**self.engine_overrides(), "mode": "colocated", "colocated_instances": self.baseline.instances,
+                "colocated": {"tp": self.baseline.tp, "pp": self.baseline.pp}}
+
+    def describe(self, baseline: bool = False) -> str:
+        if baseline and self.baseline is not None:
+            b = self.baseline
+            return f"{b.instances} colocated TP{b.tp}xPP{b.pp} ({b.gpus} GPUs)"
+        p, d = self.prefill, self.decode
+        return (f"{p.instances} prefill TP{p.tp}xPP{p.pp} + {d.instances} decode TP{d.tp}xPP{d.pp} "
+                f"({self.gpus} GPUs)")
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
