@@ -49,7 +49,7 @@ SUMMARY_INSTRUCTION = "Summarize the following conversation in a few sentences.\
 class WorkloadRequest:
     """One request of a workload: its prompt, how many tokens that is, how many to generate."""
 
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (a trace of exact lengths: the bench's `sharegpt`)
     input_tokens: int
     output_tokens: int
 
@@ -84,6 +84,7 @@ DEFAULT_SLOS: dict[str, SLO] = {
     "code": SLO(ttft_s=1.0, tpot_s=0.3, attainment_target=0.9),
     "summarization": SLO(ttft_s=15.0, tpot_s=0.2, attainment_target=0.9),
     "synthetic": SLO(ttft_s=2.0, tpot_s=0.2, attainment_target=0.9),
+    "sharegpt": SLO(ttft_s=0.25, tpot_s=0.1, attainment_target=0.9),  # the paper's OPT-13B chatbot SLO
 }
 
 
@@ -102,7 +103,7 @@ def default_slo(name: str) -> SLO:
 
 
 def workload_names() -> list[str]:
-    return ["chatbot", "code", "summarization", "synthetic:<in>:<out>"]
+    return ["chatbot", "code", "summarization", "synthetic:<in>:<out>", "sharegpt"]
 
 
 @dataclass(frozen=True)

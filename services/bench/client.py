@@ -36,7 +36,7 @@ class ClientConfig:
         path = "/completions" if self.api == "completions" else "/chat/completions"
         return _v1_base(self.base_url) + path
 
-    def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
+    def body(self, prompt: str | list[int], max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": max_tokens,
@@ -46,8 +46,10 @@ class ClientConfig:
         }
         if self.api == "completions":
             body["prompt"] = prompt
-        else:
+        elif isinstance(prompt, str):
             body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            raise ValueError("token-id prompts go to /v1/completions (--api completions)")
         if self.ignore_eos:
             body["ignore_eos"] = True
         return {**body, **self.extra_body}
@@ -86,7 +88,7 @@ def make_http_client(config: ClientConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=limits, timeout=timeout, headers=config.headers())
 
 
-async def stream_request(http: httpx.AsyncClient, config: ClientConfig, prompt: str, max_tokens: int
+async def stream_request(http: httpx.AsyncClient, config: ClientConfig, prompt: str | list[int], max_tokens: int
                          ) -> Timing:
     """Send one streaming request and time it. Never raises for server or network failures."""
     timing = Timing(sent=time.perf_counter())

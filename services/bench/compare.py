@@ -29,7 +29,7 @@ from rich.table import Table
 
 from services.bench import plots, report
 from services.bench.client import ClientConfig, discover_model, make_http_client, stream_request
-from services.bench.metrics import RequestRecord, percentile
+from services.bench.metrics import RequestRecord, goodput, percentile
 from services.bench.serve import (
     BenchResult,
     Progress_,
@@ -47,6 +47,11 @@ from services.bench.serve import (
     workload_from_args,
 )
 from services.launcher import Stack
+from services.planner.args import profiles_for
+from services.planner.deployment import PlannedDeployment, deep_merge
+from services.planner.replay import RatePoint, load_runs, replay
+from services.planner.simulator import Limits
+from services.planner.specs import gpu_spec
 from shared.argtypes import names_from
 from shared.config import Auto, DType, EngineSettings, Settings, Weights, load_settings
 from shared.cpus import available_cpus, pin_process
@@ -63,10 +68,15 @@ DEPLOYMENTS: dict[str, str] = {
     "colocated-2x1": "2 colocated workers, half the cores each",
     "colocated-3x1": "3 colocated workers, half the cores' threads each: 3 on 2, as disagg-2p1d",
     "chunked": "1 colocated worker with chunked prefill (Sarathi-Serve) on all the cores",
+    "plan": "the disaggregated deployment of --plan (emulated GPUs for a reference or roofline plan)",
+    "plan-baseline": "the colocated baseline of --plan, on as many GPUs",
 }
+PLANNED = ("plan", "plan-baseline")
 STEP_FLUSH_S = 1.5  # a little more than the workers' interval between step-record writes
 COLOCATED = ("colocated", "colocated-2x1", "colocated-3x1")  # the baselines of the ratio: the best one counts
 DISAGGREGATED = ("disagg", "disagg-2p1d")  # the better one counts
+# What the planner assumes of every instance (the simulator's Limits); a plan's deployments run with them.
+PLAN_LIMITS = Limits()
 
 log = logging.getLogger("distserve.bench.compare")
 
@@ -139,13 +149,19 @@ def worker_overrides(name: str, knobs: EngineKnobs) -> dict[str, Any]:
     raise ValueError(f"unknown deployment {name!r}; choose from {', '.join(DEPLOYMENTS)}")
 
 
-def deployment_settings(name: str, knobs: EngineKnobs, port: int, slo: SLO) -> Settings:
+def deployment_settings(name: str, knobs: EngineKnobs, port: int, slo: SLO,
+                        plan: PlannedDeployment | None = None) -> Settings:
     """Settings for a fresh stack: its own servers (no URLs), gateway on ``port``, SLO metrics as benched."""
-    return load_settings({
-        **deployment_overrides(name, knobs),
-        "model": knobs.model, "nats_url": None, "redis_url": None,
-        "gateway": {"port": port, "slo_ttft_s": slo.ttft_s, "slo_tpot_s": slo.tpot_s},
-    })
+    common = {"nats_url": None, "redis_url": None,
+              "gateway": {"port": port, "slo_ttft_s": slo.ttft_s, "slo_tpot_s": slo.tpot_s}}
+    if name in PLANNED:
+        if plan is None:
+            raise ValueError(f"deployment {name} needs --plan")
+        limits = {"max_num_seqs": PLAN_LIMITS.max_batch, "max_num_batched_tokens": PLAN_LIMITS.prefill_token_budget}
+        overrides = plan.overrides(baseline=name == "plan-baseline", same_gpus=True)
+        return load_settings(deep_merge(overrides, {**common, "prefill": limits, "decode": limits,
+                                                    "colocated": limits}))
+    return load_settings({**deployment_overrides(name, knobs), "model": knobs.model, **common})
 
 
 # ---- where the time goes ---------------------------------------------------------------------------
@@ -341,8 +357,12 @@ def cap_outputs(requests: Sequence[WorkloadRequest], cap: int | None) -> list[Wo
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("compare", help="goodput of disaggregated vs colocated deployments on the same cores",
                               description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--deployments", type=parse_deployments, default=tuple(DEPLOYMENTS),
-                   help=f"comma-separated, run in this order: {', '.join(DEPLOYMENTS)} (default: all)")
+    p.add_argument("--deployments", type=parse_deployments, default=None,
+                   help=f"comma-separated, run in this order: {', '.join(DEPLOYMENTS)} (default: every one but "
+                   "the plan's; with --plan: plan,plan-baseline)")
+    p.add_argument("--plan", type=Path, help="a plan from `distserve plan --yaml`: deployments `plan` and "
+                   "`plan-baseline` run it (emulated GPUs for reference or roofline plans), goodput per GPU, next "
+                   "to the simulator's prediction for the same deployment and the same requests")
     # Each knob's default is EngineKnobs' (given only when set: knob=None is left out).
     knob = functools.partial(_knob_flag, p)
     knob("--cores", "cores", int, "cores the deployments split (default 2)")
@@ -390,9 +410,12 @@ def main(args: argparse.Namespace) -> int:
         slo = slo_from_args(args)
         sweep_from_args(args)  # validates the sweep before any stack starts
         knobs = knobs_from_args(args)
+        plan = PlannedDeployment.load(args.plan) if args.plan else None
+        if args.deployments is None:
+            args.deployments = PLANNED if plan else tuple(d for d in DEPLOYMENTS if d not in PLANNED)
         # Every deployment's settings, validated before the first stack starts (ports are set per run).
         for name in args.deployments:
-            deployment_settings(name, knobs, 0, slo)
+            deployment_settings(name, knobs, 0, slo, plan)
         requests = cap_outputs(workload_from_args(args), args.output_cap)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
@@ -405,7 +428,7 @@ def main(args: argparse.Namespace) -> int:
     results: list[BenchResult] = []
     failed: list[str] = []
     for name in args.deployments:
-        settings = deployment_settings(name, knobs, free_port(), slo)
+        settings = deployment_settings(name, knobs, free_port(), slo, plan)
         with progress_bar(err) if args.progress else contextlib.nullcontext() as bar:
             try:
                 measured = run_deployment(name, settings, args, requests, slo, progress_hook(bar, name), err.log)
@@ -418,6 +441,9 @@ def main(args: argparse.Namespace) -> int:
         meta = {"command": "compare", "deployment": name, "description": DEPLOYMENTS[name],
                 "settings": json.loads(settings.model_dump_json()), "workload": args.workload,
                 "sweep": asdict(sweep_from_args(args)), "phases": breakdown}
+        if plan is not None and name in PLANNED:
+            meta["gpus"] = plan.simulated(name == "plan-baseline", same_gpus=True).gpus
+            meta["plan"] = plan.describe(name == "plan-baseline", same_gpus=True)
         save(result, out / name, meta, with_plots=False)
         (out / name / "timelines.json").write_text(json.dumps(measured.timelines, indent=1) + "\n")
         (out / name / "steps.json").write_text(json.dumps(measured.steps) + "\n")
@@ -429,6 +455,10 @@ def main(args: argparse.Namespace) -> int:
     goodputs = {r.label: r.goodput for r in results}
     ratio = goodput_ratio(goodputs)
     console.print(comparison_table(results, ratio))
+    planned = None
+    if plan is not None and any(r.label in PLANNED for r in results):
+        planned = against_simulator(plan, [r for r in results if r.label in PLANNED], out, slo)
+        console.print(planned_table(planned, slo))
     scale_rate = None
     with contextlib.suppress(ValueError):
         scale_rate = common_scale_rate(results, args.scale_rate)
@@ -442,6 +472,7 @@ def main(args: argparse.Namespace) -> int:
         "ratio": None if ratio is None else {"disaggregated": ratio[0], "baseline": ratio[1],
                                              "disagg_over_baseline": ratio[2]},
         "failed": failed, "scale_rate": scale_rate,
+        "plan": None if planned is None else [asdict(p) for p in planned],
     }, out)
     console.print(f"results: {out}/ (one folder per deployment; summary.json and plots here)")
     return 1 if failed else 0
@@ -449,6 +480,66 @@ def main(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+# ---- a plan through the stack, next to the simulator ----------------------------------------------------
+
+@dataclass(frozen=True)
+class PlannedResult:
+    """One of a plan's deployments as served by the stack and as the simulator predicts it, on the same requests."""
+
+    deployment: str
+    gpus: int
+    goodput: float | None  # measured through the stack, req/s
+    simulated_goodput: float | None
+    points: list[RatePoint]  # per rate: attainment and p50 latencies, measured and simulated
+
+    def per_gpu(self, value: float | None) -> float | None:
+        return None if value is None else value / self.gpus
+
+
+def against_simulator(plan: PlannedDeployment, results: Sequence[BenchResult], out: Path,
+                      slo: SLO) -> list[PlannedResult]:
+    """Replay each deployment's requests (their send times and lengths) through the simulator."""
+    disaggregated, colocated = profiles_for(plan.model, gpu_spec(plan.hardware).name,
+                                            "reference" if plan.profile.startswith("reference") else plan.profile)
+    planned = []
+    for result in results:
+        baseline = result.label == "plan-baseline"
+        deployment = plan.simulated(baseline, same_gpus=True)
+        points = replay(load_runs(out / result.label / "requests.json"), deployment,
+                        colocated if baseline else disaggregated, slo, PLAN_LIMITS)
+        simulated = goodput([(p.rate, p.predicted) for p in points], slo.attainment_target)
+        planned.append(PlannedResult(result.label, deployment.gpus, result.goodput, simulated, points))
+    return planned
+
+
+def planned_table(planned: Sequence[PlannedResult], slo: SLO) -> Table:
+    table = Table(title=f"through the stack vs simulated (same requests): SLO attainment (TTFT {slo.ttft_s:g} s, "
+                        f"TPOT {slo.tpot_s:g} s) and goodput per GPU")
+    for column in ("deployment", "GPUs", "rate", "stack", "simulated", "error (pp)", "TTFT p50 ms stack / sim",
+                   "TPOT p50 ms stack / sim"):
+        table.add_column(column, justify="right")
+    for p in planned:
+        for point in p.points:
+            table.add_row(p.deployment, str(p.gpus), f"{point.rate:g}", f"{point.measured:.1%}",
+                          f"{point.predicted:.1%}", f"{point.error_pp:+.1f}",
+                          f"{point.measured_ttft * 1e3:.0f} / {point.predicted_ttft * 1e3:.0f}",
+                          f"{point.measured_tpot * 1e3:.0f} / {point.predicted_tpot * 1e3:.0f}")
+    lines = []
+    for p in planned:
+        stack, sim = p.per_gpu(p.goodput), p.per_gpu(p.simulated_goodput)
+        lines.append(f"{p.deployment}: goodput per GPU {'-' if stack is None else f'{stack:.3g}'} through the stack, "
+                     f"{'-' if sim is None else f'{sim:.3g}'} simulated")
+    by_name = {p.deployment: p for p in planned}
+    if {"plan", "plan-baseline"} <= set(by_name):
+        ours, base = by_name["plan"], by_name["plan-baseline"]
+        for label, a, b in (("stack", ours.per_gpu(ours.goodput), base.per_gpu(base.goodput)),
+                            ("simulated", ours.per_gpu(ours.simulated_goodput), base.per_gpu(base.simulated_goodput))):
+            if a is not None and b:
+                lines.append(f"plan / baseline per GPU, {label}: {a / b:.2f}x")
+    table.caption = "\n".join(lines)
+    return table
 
 
 def phase_table(name: str, breakdown: Mapping[float, Mapping[str, Mapping[str, float]]]) -> Table:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from services.bench.metrics import (
     next_probe_rate,
     summarize,
 )
+from services.planner.workload import CONTEXT_TOKENS
 from shared.argtypes import positive_float
 from shared.workloads import SLO, WorkloadRequest, default_api, default_slo, load_workload
 
@@ -229,6 +231,8 @@ def api_from_args(args: argparse.Namespace) -> Api:
 
 
 def workload_from_args(args: argparse.Namespace) -> list[WorkloadRequest]:
+    if args.workload == "sharegpt":
+        return trace_workload(args.num_requests, args.seed, min(args.max_total_tokens, CONTEXT_TOKENS))
     from shared.tokenizer import load_tokenizer  # slow import: only when a command runs
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -236,6 +240,19 @@ def workload_from_args(args: argparse.Namespace) -> list[WorkloadRequest]:
                          count_tokens=lambda text: len(tokenizer.encode(text)),
                          max_input_tokens=args.max_input_tokens, max_output_tokens=args.max_output_tokens,
                          max_total_tokens=args.max_total_tokens)
+
+
+def trace_workload(num_requests: int, seed: int, max_total_tokens: int) -> list[WorkloadRequest]:
+    """`sharegpt`: the paper's chatbot workload as the planner builds it (multi-turn ShareGPT, OPT token
+    counts: services/planner/workload.py), sent as token-id prompts of exactly those lengths, so that the
+    stack serves the requests the simulator simulates. For the emulated engine: the ids mean nothing."""
+    from services.planner.workload import load_lengths
+
+    lengths = load_lengths("sharegpt", max_total_tokens=max_total_tokens, tokenizer="opt")
+    rng = random.Random(seed)
+    picks = [rng.randrange(len(lengths.inputs)) for _ in range(num_requests)]
+    return [WorkloadRequest([100 + (i * 7919 + k) % 10_000 for k in range(int(lengths.inputs[i]))],
+                            int(lengths.inputs[i]), int(lengths.outputs[i])) for i in picks]
 
 
 def default_output_dir(command: str, workload: str) -> Path:

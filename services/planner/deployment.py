@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.planner.simulator import Colocated, Deployment, Disaggregated, Parallel
 from services.planner.specs import gpu_spec
 
 
@@ -74,21 +75,39 @@ class PlannedDeployment(_Part):
                 "emulation": {"gpu": gpu_spec(self.hardware).name, "profile": profile,
                               "link_gbps": self.kv_bandwidth_gbps}}
 
-    def overrides(self, baseline: bool = False) -> dict[str, Any]:
+    def colocated(self, same_gpus: bool = False) -> PlannedPhase:
+        """The plan's colocated baseline: as the plan sized it for its rate, or on as many GPUs as the plan
+        (`same_gpus`: the comparison per GPU of the paper)."""
+        if self.baseline is None:
+            raise ValueError("this plan has no colocated baseline")
+        if not same_gpus:
+            return self.baseline
+        per_instance = self.baseline.tp * self.baseline.pp
+        return self.baseline.model_copy(update={"instances": max(1, self.gpus // per_instance)})
+
+    def overrides(self, baseline: bool = False, same_gpus: bool = False) -> dict[str, Any]:
         """Settings overrides (load_settings' nested dict) that start this deployment, or its baseline."""
         if not baseline:
             return {**self.engine_overrides(), "mode": "disaggregated",
                     "prefill_instances": self.prefill.instances, "decode_instances": self.decode.instances,
                     "prefill": {"tp": self.prefill.tp, "pp": self.prefill.pp},
                     "decode": {"tp": self.decode.tp, "pp": self.decode.pp}}
-        if self.baseline is None:
-            raise ValueError("this plan has no colocated baseline")
-        return {**self.engine_overrides(), "mode": "colocated", "colocated_instances": self.baseline.instances,
-                "colocated": {"tp": self.baseline.tp, "pp": self.baseline.pp}}
+        b = self.colocated(same_gpus)
+        return {**self.engine_overrides(), "mode": "colocated", "colocated_instances": b.instances,
+                "colocated": {"tp": b.tp, "pp": b.pp}}
 
-    def describe(self, baseline: bool = False) -> str:
-        if baseline and self.baseline is not None:
-            b = self.baseline
+    def simulated(self, baseline: bool = False, same_gpus: bool = False) -> Deployment:
+        """The same deployment as the simulator's."""
+        if not baseline:
+            p, d = self.prefill, self.decode
+            return Disaggregated(Parallel(p.tp, p.pp), p.instances, Parallel(d.tp, d.pp), d.instances,
+                                 kv_bandwidth=self.kv_bandwidth_gbps * 1e9 / 8)
+        b = self.colocated(same_gpus)
+        return Colocated(Parallel(b.tp, b.pp), b.instances)
+
+    def describe(self, baseline: bool = False, same_gpus: bool = False) -> str:
+        if baseline:
+            b = self.colocated(same_gpus)
             return f"{b.instances} colocated TP{b.tp}xPP{b.pp} ({b.gpus} GPUs)"
         p, d = self.prefill, self.decode
         return (f"{p.instances} prefill TP{p.tp}xPP{p.pp} + {d.instances} decode TP{d.tp}xPP{d.pp} "

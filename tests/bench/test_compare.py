@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 
 from services.bench.compare import (
     DEPLOYMENTS,
+    PLAN_LIMITS,
+    PLANNED,
     EngineKnobs,
     cap_outputs,
     common_scale_rate,
@@ -28,9 +30,11 @@ from services.bench.compare import (
     split_by_run,
 )
 from services.bench.metrics import RequestRecord
-from services.bench.serve import analyze
+from services.bench.serve import analyze, trace_workload
 from services.cli import build_parser
 from services.launcher import split_threads, worker_names
+from services.planner.deployment import PlannedDeployment
+from services.planner.workload import load_lengths
 from shared.cpus import available_cpus
 from shared.servers import RedisServer
 from shared.state import StateWriter, push_steps, steps_key
@@ -63,7 +67,7 @@ def test_every_deployment_uses_exactly_the_cores_with_its_own_servers(cores: int
         "colocated-3x1": ("colocated", ["colocated"] * 3, cores // 2, False),
         "chunked": ("colocated", ["colocated"], cores, True),
     }
-    assert set(expected) == set(DEPLOYMENTS)
+    assert set(expected) == set(DEPLOYMENTS) - set(PLANNED)
     for name, (mode, roles, threads, chunked) in expected.items():
         s = deployment_settings(name, EngineKnobs(cores=cores, chunk_tokens=128), 9123, SLO_)
         assert s.mode == mode and s.nats_url is None and s.redis_url is None and s.gateway.port == 9123
@@ -78,6 +82,31 @@ def test_every_deployment_uses_exactly_the_cores_with_its_own_servers(cores: int
         assert s.colocated.chunked_prefill is chunked
         if chunked:
             assert s.colocated.max_num_batched_tokens == 128
+
+
+def test_a_plans_deployments_run_on_emulated_gpus_with_the_planners_limits(tmp_path: Path) -> None:
+    plan = {"model": "opt-13b", "hardware": "a100-80g", "profile": "reference:distserve", "rate": 4,
+            "prefill": {"tp": 2, "pp": 1, "instances": 1}, "decode": {"tp": 1, "pp": 1, "instances": 1},
+            "baseline": {"tp": 2, "pp": 1, "instances": 4}, "kv_bandwidth_gbps": 2400}
+    (tmp_path / "plan.yaml").write_text(json.dumps(plan))  # YAML reads JSON
+    planned = PlannedDeployment.load(tmp_path / "plan.yaml")
+    s = deployment_settings("plan", EngineKnobs(), 9123, SLO_, planned)
+    assert (s.engine, s.model, s.mode, s.prefill.tp, s.decode.tp) == ("emulated", "opt-13b", "disaggregated", 2, 1)
+    assert (s.decode.max_num_seqs, s.prefill.max_num_batched_tokens) == (PLAN_LIMITS.max_batch,
+                                                                         PLAN_LIMITS.prefill_token_budget)
+    b = deployment_settings("plan-baseline", EngineKnobs(), 9123, SLO_, planned)
+    assert (b.mode, b.colocated.tp, b.colocated_instances) == ("colocated", 2, 1)  # on the plan's 3 GPUs: one TP2
+    assert planned.simulated(baseline=True, same_gpus=True).gpus == 2
+    with pytest.raises(ValueError, match="--plan"):
+        deployment_settings("plan", EngineKnobs(), 9123, SLO_)
+
+
+def test_the_sharegpt_trace_sends_the_planners_lengths_as_token_ids() -> None:
+    requests = trace_workload(50, seed=1, max_total_tokens=2048)
+    lengths = load_lengths("sharegpt", max_total_tokens=2048, tokenizer="opt")
+    pairs = set(zip(lengths.inputs.tolist(), lengths.outputs.tolist(), strict=True))
+    assert all(len(r.prompt) == r.input_tokens and (r.input_tokens, r.output_tokens) in pairs for r in requests)
+    assert requests == trace_workload(50, seed=1, max_total_tokens=2048)
 
 
 def test_dtype_knobs_reach_the_workers() -> None:
