@@ -33,6 +33,8 @@ BENCH_MODULES: list[str] = [
     "services.bench.compare",
     "services.bench.transfer",
     "services.bench.chaos",
+    "services.bench.scale",
+    "services.bench.autoscale",
 ]
 
 

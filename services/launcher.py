@@ -33,6 +33,7 @@ from types import FrameType
 
 import httpx
 
+from services.planner.actuator import Actuator, Autoscaler, Running
 from services.planner.deployment import PlannedDeployment, deep_merge
 from shared.argtypes import cpu_list
 from shared.config import (
@@ -53,6 +54,9 @@ from shared.servers import NatsServer, RedisServer, ServerProcess
 log = logging.getLogger("distserve.up")
 
 _READY_TIMEOUT_S = 600.0  # a first start dequantizes the model (seconds) per process
+_DRAIN_TIMEOUT_S = 120.0  # a retired worker still busy after this is stopped (its requests migrate)
+_SERVICES = ("gateway", "planner")  # the children that are not workers
+_PLANNER_REQUESTS = 300  # simulated requests per goodput search of the online planner: a replan in seconds
 
 
 def stack_file() -> Path:
@@ -83,6 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "given here override it")
     parser.add_argument("--baseline", action="store_true", help="with --plan: start the plan's colocated baseline "
                         "instead")
+    parser.add_argument("--autoscale", dest="cfg:autoscale.enabled", action="store_true", default=None,
+                        help="with --plan: the online planner replans from the traffic and the stack follows "
+                        "(starts workers, drains surplus ones)")
     parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"))
     parser.set_defaults(func=run)
 
@@ -112,6 +119,8 @@ class Child:
     cpus: list[int] | None
     proc: subprocess.Popen[bytes]
     state: Restarts
+    retiring_since: float | None = None  # draining to leave (`retire`): its exit is no failure
+    terminated: bool = False  # it outlived the drain deadline and got SIGTERM
 
 
 def worker_names(settings: Settings) -> list[tuple[str, str]]:
@@ -145,7 +154,10 @@ def up_settings(args: argparse.Namespace) -> Settings:
         plan = PlannedDeployment.load(args.plan)
         overrides = deep_merge(plan.overrides(baseline=args.baseline), overrides)
         log.info("plan %s: %s at %g req/s, %s", args.plan, plan.model, plan.rate, plan.describe(args.baseline))
-    return load_settings(overrides, args.config)
+    settings = load_settings(overrides, args.config)
+    if settings.autoscale.enabled and (not args.plan or args.baseline):
+        raise ValueError("--autoscale follows a plan's disaggregated deployment: give --plan (without --baseline)")
+    return settings
 
 
 def check_counts(settings: Settings) -> None:
@@ -156,8 +168,11 @@ def check_counts(settings: Settings) -> None:
 
 
 class Stack:
-    def __init__(self, settings: Settings, log_level: str = "INFO", announce: bool = True) -> None:
+    def __init__(self, settings: Settings, log_level: str = "INFO", announce: bool = True,
+                 plan: PlannedDeployment | None = None) -> None:
         self.settings = settings
+        self.plan = plan  # what `up --plan` started: the online planner replans its problem (--autoscale)
+        self.autoscaler: Autoscaler | None = None
         self.log_level = log_level
         self.announce = announce  # write stack_file() for `distserve requests` (not in tests)
         self.servers: list[ServerProcess] = []
@@ -165,6 +180,7 @@ class Stack:
         self._server_restarts: dict[str, Restarts] = {}
         self._dir = tempfile.TemporaryDirectory(prefix="distserve-up-")
         self.stopping = False
+        self.drain_timeout_s = _DRAIN_TIMEOUT_S
 
     def start(self) -> None:
         """Servers, workers, gateway; RuntimeError if the settings cannot be met here (e.g. pinning)."""
@@ -184,15 +200,75 @@ class Stack:
             updates["redis_url"] = self._server(RedisServer.with_password()).url
         s = s.model_copy(update=updates)
         self.settings = s
-        config = Path(self._dir.name) / "settings.json"
-        write_private(config, s.model_dump_json(context=REVEAL_SECRETS))  # the children's settings, secrets too
+        write_private(self._config, s.model_dump_json(context=REVEAL_SECRETS))  # the children's settings, secrets too
         for (role, instance_id), cpus in zip(workers, pinned, strict=True):
-            self._spawn(instance_id, [role, "--config", str(config), "--instance-id", instance_id], cpus)
-        self._spawn("gateway", ["gateway", "--config", str(config)], s.service_cpus)
+            self._spawn(instance_id, [role, "--config", str(self._config), "--instance-id", instance_id], cpus)
+        self._spawn("gateway", ["gateway", "--config", str(self._config)], s.service_cpus)
+        if s.autoscale.enabled:
+            self._start_autoscaling(s)
         if self.announce:
             stack_file().parent.mkdir(parents=True, exist_ok=True)
             write_private(stack_file(), json.dumps({"gateway": self.url, "nats_url": s.nats_url,
                                                 "redis_url": s.redis_url, "pid": os.getpid()}))
+
+    def _start_autoscaling(self, s: Settings) -> None:
+        if self.plan is None:
+            raise RuntimeError("autoscaling follows a plan: start the stack from one")
+        a = s.autoscale
+        self._spawn("planner", ["planner", "--config", str(self._config), *self.plan.planner_args(),
+                                "--window", str(a.window_s), "--interval", str(a.interval_s),
+                                "--threshold", str(a.threshold), "--num-requests", str(_PLANNER_REQUESTS)],
+                    s.service_cpus)
+        self.drain_timeout_s = a.drain_timeout_s
+        assert s.nats_url is not None
+        self.autoscaler = Autoscaler(Actuator(a.cooldown_s, a.scale_down_after_s), s.nats_url, s.redis_url)
+        self.autoscaler.start()
+
+    @property
+    def _config(self) -> Path:
+        return Path(self._dir.name) / "settings.json"
+
+    # -- scaling (the actuator's connector: services/planner/actuator.py) ----------------------------------
+
+    def running(self) -> list[Running]:
+        """The workers that run and are not retiring, with their parallelism."""
+        out = []
+        for c in self.children:
+            if c.name in _SERVICES or c.retiring_since is not None:
+                continue
+            role = c.args[0]
+            flags = dict(zip(c.args[1::2], c.args[2::2], strict=False))
+            section = self.settings.role(role)  # type: ignore[arg-type]  # a worker's first arg is its role
+            out.append(Running(c.name, role, int(flags.get("--tp", section.tp)), int(flags.get("--pp", section.pp))))
+        return out
+
+    def add_worker(self, role: str, tp: int = 1, pp: int = 1) -> str:
+        """Start one more worker of `role` (with this parallelism); its instance id."""
+        taken = {c.name for c in self.children}
+        name = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
+        self._spawn(name, [role, "--config", str(self._config), "--instance-id", name, "--tp", str(tp),
+                           "--pp", str(pp)])
+        return name
+
+    def retire(self, name: str, now: float) -> None:
+        """The worker is draining (whoever drains it has told it): let it leave, do not restart it; past
+        `drain_timeout_s` it gets SIGTERM (and hands what is left back to the gateway)."""
+        child = next(c for c in self.children if c.name == name)
+        child.retiring_since = now
+
+    def _retired(self, child: Child, now: float) -> bool:
+        """Handle a retiring child; True when it is gone (and dropped from the stack)."""
+        if child.proc.poll() is not None:
+            log.info("%s left (drained, exit code %d)", child.name, child.proc.returncode)
+            self.children.remove(child)
+            return True
+        assert child.retiring_since is not None
+        if not child.terminated and now - child.retiring_since > self.drain_timeout_s:
+            log.warning("%s still draining after %.0f s; stopping it (its requests move on)", child.name,
+                        self.drain_timeout_s)
+            child.proc.send_signal(signal.SIGTERM)
+            child.terminated = True
+        return False
 
     @property
     def url(self) -> str:
@@ -227,7 +303,7 @@ class Stack:
 
     def wait_ready(self, timeout: float) -> None:
         """Until the gateway reports every worker alive; RuntimeError if a child dies first."""
-        expected = len(self.children) - 1
+        expected = len([c for c in self.children if c.name not in _SERVICES])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stopping:
             dead = self.dead_child()
@@ -250,8 +326,18 @@ class Stack:
         return 0
 
     def supervise(self, now: float) -> bool:
-        """One pass over the children and servers: schedule and make restarts; False: stop the stack."""
-        for child in self.children:
+        """One pass over the children and servers: schedule and make restarts, follow the plan
+        (--autoscale); False: stop the stack."""
+        if self.autoscaler is not None:
+            try:
+                self.autoscaler.tick(self, now)
+            except (RuntimeError, TimeoutError) as exc:  # NATS unreachable now: the next pass tries again
+                log.warning("scaling skipped: %s", exc)
+        for child in list(self.children):
+            if child.retiring_since is not None:
+                self._retired(child, now)
+                continue
+
             def respawn(child: Child = child) -> None:
                 child.proc = self._popen(child.name, child.args, child.cpus)
 
@@ -304,6 +390,8 @@ class Stack:
 
     def stop(self) -> None:
         """Gateway first (no new requests), then workers, then servers; each by its PID."""
+        if self.autoscaler is not None:
+            self.autoscaler.close()
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -331,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"distserve up: {exc}", file=sys.stderr)
         return 2
-    stack = Stack(settings, args.log_level.upper())
+    stack = Stack(settings, args.log_level.upper(), plan=PlannedDeployment.load(args.plan) if args.plan else None)
     signal.signal(signal.SIGINT, stack.request_stop)
     signal.signal(signal.SIGTERM, stack.request_stop)
     try:

@@ -189,6 +189,21 @@ class EmulationSettings(_Section):
                              "part (2400: A100 NVLink; 25-200: across nodes)")
 
 
+class AutoscaleSettings(_Section):
+    """`up --plan P --autoscale`: the online planner replans from the traffic and the actuator follows it
+    (services/planner/actuator.py)."""
+
+    enabled: bool = Field(default=False, description="run the online planner and act on its plans")
+    window_s: float = Field(default=30.0, gt=0, description="seconds of traffic each plan is made from")
+    interval_s: float = Field(default=5.0, gt=0, description="seconds between the planner's evaluations")
+    threshold: float = Field(default=0.2, gt=0, description="relative shift of rate or lengths that replans")
+    cooldown_s: float = Field(default=20.0, ge=0, description="no scaling action within this long of the last")
+    scale_down_after_s: float = Field(default=40.0, ge=0, description="fewer instances must be planned this long "
+                                      "without a break before any is drained")
+    drain_timeout_s: float = Field(default=120.0, gt=0, description="a drained worker still busy after this is "
+                                   "stopped (its requests migrate)")
+
+
 class TelemetrySettings(_Section):
     exporter: Literal["none", "console", "otlp"] = Field(default="none", description="where traces go")
     otlp_endpoint: str = Field(default="http://127.0.0.1:4318/v1/traces", description="OTLP/HTTP traces endpoint")
@@ -219,6 +234,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     worker: WorkerSettings = WorkerSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    autoscale: AutoscaleSettings = AutoscaleSettings()
     prefill: RoleSettings = RoleSettings()
     decode: RoleSettings = RoleSettings()
     colocated: RoleSettings = RoleSettings()

@@ -99,3 +99,12 @@ def autogroup_nice(path: Path = Path("/proc/self/autogroup")) -> int | None:
     if len(words) != 3 or words[1] != "nice" or not words[2].lstrip("-").isdigit():
         return None
     return int(words[2])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)

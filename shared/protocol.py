@@ -48,6 +48,7 @@ class Subjects:
     bye = f"{PREFIX}.workers.bye"
     abort = f"{PREFIX}.requests.abort"
     plan = f"{PREFIX}.planner.plan"
+    scaling = f"{PREFIX}.planner.scaling"  # what the actuator did (ScalingAction)
     all_tokens = f"{PREFIX}.gateway.*.tokens"  # every gateway's inbox (the planner watches them)
 
     @staticmethod
@@ -59,6 +60,11 @@ class Subjects:
     def all_submits(role: Role) -> str:
         """New work for every worker of a role (the planner watches arrivals)."""
         return f"{PREFIX}.{role}.*.submit"
+
+    @staticmethod
+    def drain(instance_id: str) -> str:
+        """Drain to one worker: take no new work, finish what it has, then leave."""
+        return f"{PREFIX}.workers.{instance_id}.drain"
 
     @staticmethod
     def release(instance_id: str) -> str:
@@ -118,6 +124,7 @@ class WorkerInfo(Message):
     engine: str = "torch-cpu"  # what computes its steps: torch-cpu, or emulated-<gpu> (no model runs)
     tp: int = 1  # the instance's parallelism (its placement in a plan)
     pp: int = 1
+    draining: bool = False  # it takes no new work: it finishes what it has, then leaves (WorkerDrain)
     # The periodic heartbeat lists the requests the worker has (queued, pulling, running, or held for a
     # pull): a request its gateway placed here that stays missing was lost with a control message (NATS
     # delivers at most once) and is sent again. None in the reports on load changes.
@@ -126,6 +133,13 @@ class WorkerInfo(Message):
 
 
 class WorkerBye(Message):
+    instance_id: str
+
+
+class WorkerDrain(Message):
+    """To one worker (Subjects.drain): finish your requests, take no new ones, then shut down. The way a
+    deployment shrinks without a request moving (the actuator's scale-down)."""
+
     instance_id: str
 
 
@@ -243,6 +257,18 @@ class PhaseShape(BaseModel):
     pp: int
     instances: int
     gpus: int
+
+
+class ScalingAction(Message):
+    """The actuator started or drained a worker to follow a plan (services/planner/actuator.py)."""
+
+    kind: Literal["start", "drain"]
+    role: Role
+    tp: int
+    pp: int
+    reason: str
+    instance: str | None = None
+    at: float
 
 
 class PlanMessage(Message):

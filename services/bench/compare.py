@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, get_args
 
@@ -54,7 +54,7 @@ from services.planner.simulator import Limits
 from services.planner.specs import gpu_spec
 from shared.argtypes import names_from
 from shared.config import Auto, DType, EngineSettings, Settings, Weights, load_settings
-from shared.cpus import available_cpus, pin_process
+from shared.cpus import available_cpus, pin_process, process_cpu_seconds
 from shared.servers import free_port
 from shared.state import Phase, connect_redis, read_request, read_steps, recent_requests
 from shared.workloads import SLO, WorkloadRequest
@@ -299,6 +299,15 @@ class Measured:
     records: dict[float, list[RequestRecord]]
     timelines: dict[float, list[Mapping[str, str]]]
     steps: dict[str, list[dict[str, Any]]]  # each worker's engine steps during the sweep, by role:instance
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # each process's CPU time during the sweep
+    sweep_seconds: float = 0.0
+
+
+def stack_processes(stack: Stack) -> dict[str, int]:
+    """Every process of a stack by name (servers, gateway, workers) and this load generator."""
+    pids = {c.name: c.proc.pid for c in stack.children}
+    pids |= {s.name: s.pid for s in stack.servers if s.pid is not None}
+    return {**pids, "load generator": os.getpid()}
 
 
 def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requests: Sequence[WorkloadRequest],
@@ -323,12 +332,17 @@ def run_deployment(name: str, settings: Settings, args: argparse.Namespace, requ
             run_starts.append((rate, time.time()))  # Redis timestamps are time.time()
             return progress(rate, total) if progress else (lambda: None)
 
+        pids = stack_processes(stack)
+        cpu_before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        swept = time.monotonic()
         records = asyncio.run(sweep(client, requests, sweep_from_args(args), slo, mark, say))
+        swept = time.monotonic() - swept
+        cpu = {name: process_cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
         total = sum(len(rs) for rs in records.values()) + args.warmup
         assert stack.settings.redis_url is not None  # the stack started its own
         timelines = asyncio.run(fetch_timelines(stack.settings.redis_url, total))
         steps = asyncio.run(fetch_steps(stack.settings.redis_url, run_starts[0][1] if run_starts else 0.0))
-        return Measured(records, split_by_run(timelines, run_starts), steps)
+        return Measured(records, split_by_run(timelines, run_starts), steps, cpu, swept)
     finally:
         stack.stop()
         pin_process(os.getpid(), own_cpus)

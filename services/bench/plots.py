@@ -72,6 +72,29 @@ def plot_latency_cdfs(series: Mapping[str, Sequence[RequestRecord]], slo: SLO, p
     _save(fig, path)
 
 
+def plot_scaling_runs(series: Mapping[str, tuple[Sequence[tuple[float, float]], Sequence[tuple[float, int]], float]],
+                      slo: SLO, bin_s: float, boundaries: Sequence[float], title: str, path: Path) -> None:
+    """Attainment over time (per bin of arrivals) above the GPUs in use, one line per run; `series`:
+    label -> (attainment bins, GPU samples, GPU-seconds)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for color, (label, (bins, gpus, gpu_seconds)) in zip(_colors(), series.items(), strict=False):
+        top.plot([t + bin_s / 2 for t, _ in bins], [100 * a for _, a in bins], "o-", color=color, label=label)
+        bottom.step([t for t, _ in gpus], [g for _, g in gpus], where="post", color=color,
+                    label=f"{label}: {gpu_seconds:.0f} GPU-s")
+    for boundary in boundaries:
+        for ax in (top, bottom):
+            ax.axvline(boundary, color="grey", linestyle=":")
+    top.axhline(100 * slo.attainment_target, color="grey", linestyle="--")
+    top.set_ylabel(f"SLO attainment % ({bin_s:g} s bins)")
+    top.set_ylim(0, 105)
+    top.legend()
+    bottom.set_ylabel("emulated GPUs in use")
+    bottom.set_xlabel("seconds")
+    bottom.legend()
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def _colors() -> list[str]:
     return [f"C{i}" for i in range(10)]
 

@@ -107,6 +107,7 @@ class Dispatcher:
     async def start(self) -> None:
         await self.nc.subscribe(p.Subjects.heartbeat, cb=self._on_heartbeat)
         await self.nc.subscribe(p.Subjects.bye, cb=self._on_bye)
+        await self.nc.subscribe(p.Subjects.scaling, cb=self._on_scaling)
         await self.nc.subscribe(self.inbox, cb=self._on_tokens)
         self._prune_task = asyncio.create_task(self._prune_loop(), name="prune-workers")
 
@@ -231,6 +232,13 @@ class Dispatcher:
             return
         if self.registry.remove(bye.instance_id) is not None:
             self._lost(bye.instance_id, "left")
+
+    async def _on_scaling(self, msg: Msg) -> None:
+        try:
+            action = p.decode(p.ScalingAction, msg.data)
+        except ValueError:
+            return
+        self.metrics.scaling.labels(action.role, action.kind).inc()
 
     async def _prune_loop(self) -> None:
         while True:

@@ -35,6 +35,8 @@ class GatewayMetrics:
                                 registry=r)
         self.migrations = Counter("distserve_migrations", "requests continued on another worker after theirs "
                                   "died, by the phase they were in", ["role"], registry=r)
+        self.scaling = Counter("distserve_scaling_actions", "workers the actuator started or drained to follow the "
+                               "online planner's plans", ["role", "action"], registry=r)
         self.requests = Counter("distserve_requests", "finished requests by outcome", ["outcome"], registry=r)
         self.slo_attained = Counter("distserve_slo_attained_requests",
                                     "requests that met both the TTFT and the TPOT objective", registry=r)
@@ -68,6 +70,8 @@ class WorkerLoadCollector(Collector):
         }
         usage = GaugeMetricFamily("distserve_worker_kv_usage_ratio", "fraction of KV blocks in use", labels=labels)
         alive = GaugeMetricFamily("distserve_workers_alive", "live workers by role", labels=["role"])
+        draining = GaugeMetricFamily("distserve_worker_draining", "1: the worker takes no new work and leaves once "
+                                     "its requests are done", labels=labels)
         info = GaugeMetricFamily("distserve_worker_info", "1 per live worker: its model, engine (emulated-<gpu>: "
                                  "modelled steps, no model runs) and parallelism",
                                  labels=[*labels, "model", "engine", "tp", "pp"])
@@ -80,6 +84,7 @@ class WorkerLoadCollector(Collector):
             if load.total_blocks:
                 usage.add_metric(values, 1 - load.free_blocks / load.total_blocks)
             w = inst.info
+            draining.add_metric(values, float(w.draining))
             info.add_metric([*values, w.model, w.engine, str(w.tp), str(w.pp)], 1)
             counts[inst.role] += 1
         for role, n in counts.items():
@@ -87,4 +92,5 @@ class WorkerLoadCollector(Collector):
         yield from families.values()
         yield usage
         yield alive
+        yield draining
         yield info

@@ -101,7 +101,7 @@ class Registry:
 
     def pick(self, role: p.Role, prompt_tokens: int = 0, avoid: str | None = None) -> Instance | None:
         """The instance a request goes to now (never `avoid`); counts the dispatch until the next report."""
-        candidates = [i for i in self.alive(role) if i.instance_id != avoid]
+        candidates = [i for i in self.alive(role) if i.instance_id != avoid and not i.info.draining]
         best = least_loaded(role, candidates, Instance.dispatch_load)
         if best is None:
             return None

@@ -34,6 +34,17 @@ class PlannedPhase(_Part):
         return self.tp * self.pp * self.instances
 
 
+class PlannedSLO(_Part):
+    ttft: float = Field(gt=0)
+    tpot: float = Field(gt=0)
+    attainment: float = Field(default=0.9, gt=0, le=1)
+
+
+class PlannedCluster(_Part):
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=8, ge=1)
+
+
 class PlannedDeployment(_Part):
     """The parts of a plan (services/planner/report.py's `plan_to_dict`) that say what to start."""
 
@@ -45,6 +56,8 @@ class PlannedDeployment(_Part):
     decode: PlannedPhase
     baseline: PlannedPhase | None = None  # the colocated deployment it was compared with
     kv_bandwidth_gbps: float = Field(gt=0)
+    slo: PlannedSLO | None = None  # what it was planned for (the online planner replans for the same)
+    cluster: PlannedCluster = PlannedCluster()
 
     @classmethod
     def load(cls, path: str | Path) -> PlannedDeployment:
@@ -74,6 +87,15 @@ class PlannedDeployment(_Part):
         return {"engine": "emulated", "model": self.model,
                 "emulation": {"gpu": gpu_spec(self.hardware).name, "profile": profile,
                               "link_gbps": self.kv_bandwidth_gbps}}
+
+    def planner_args(self) -> list[str]:
+        """`distserve planner` flags that replan this deployment's problem from the traffic."""
+        if self.slo is None:
+            raise ValueError("the plan records no SLO to replan for")
+        profile = "reference" if self.profile.startswith("reference") else self.profile
+        return ["--model", self.model, "--gpu", gpu_spec(self.hardware).name, "--profile", profile,
+                "--ttft", str(self.slo.ttft), "--tpot", str(self.slo.tpot), "--attainment", str(self.slo.attainment),
+                "--nodes", str(self.cluster.nodes), "--gpus-per-node", str(self.cluster.gpus_per_node)]
 
     def colocated(self, same_gpus: bool = False) -> PlannedPhase:
         """The plan's colocated baseline: as the plan sized it for its rate, or on as many GPUs as the plan

@@ -70,6 +70,7 @@ class Worker(ABC):
         self.started_at = time.time()
         self.requests: dict[str, Any] = {}  # request id -> Tracked (or a role's subclass of it)
         self.exit_code = 0
+        self.draining = False
         self._stop = asyncio.Event()
         self._seq = 0
         self._last_report = 0.0
@@ -175,6 +176,7 @@ class Worker(ABC):
             self.spawn(role_loop)
         await self.nc.subscribe(p.Subjects.submit(self.role, self.instance_id), cb=self.on_submit)
         await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
+        await self.nc.subscribe(p.Subjects.drain(self.instance_id), cb=self._on_drain)
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
         if self.redis is not None:
@@ -323,7 +325,7 @@ class Worker(ABC):
             transport=self.transport.name if self.transport else None,
             transfer_address=self.transport.address if self.transport else None, load=self.load(),
             engine=self.engine.label, tp=self.engine.config.tp, pp=self.engine.config.pp,
-            serving=self.serving() if serving else None, sent_at=time.time(),
+            serving=self.serving() if serving else None, sent_at=time.time(), draining=self.draining,
         )
 
     async def report(self, serving: bool = False) -> None:
@@ -360,6 +362,31 @@ class Worker(ABC):
                 await self.report(serving=True)
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.instance_id, exc)
+
+    async def _on_drain(self, msg: Msg) -> None:
+        if self.draining or self.parse(p.WorkerDrain, msg) is None:
+            return
+        log.info("%s draining: no new work; it stops once its %d requests are done", self.instance_id,
+                 len(self.serving()))
+        self.draining = True
+        self.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        """Stop once idle. Every gateway has seen `draining` by then: it has been reported (and then nothing
+        was sent here) for two heartbeats in a row; a submit that still comes (sent before the report
+        arrived) is served, and restarts the wait."""
+        await self.report()
+        quiet_since = None
+        while True:
+            await asyncio.sleep(self.settings.worker.heartbeat_s)
+            if self.serving():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 2 * self.settings.worker.heartbeat_s:
+                log.info("%s drained; stopping", self.instance_id)
+                self.stop()
+                return
 
     def parse(self, kind: type[M], msg: Msg) -> M | None:
         """A message of ours, or None (logged) for one that does not parse: never a crashed handler."""
