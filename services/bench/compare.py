@@ -29,7 +29,7 @@ from rich.table import Table
 
 from services.bench import plots, report
 from services.bench.client import ClientConfig, discover_model, make_http_client, stream_request
-from services.bench.metrics import RequestRecord, goodput, percentile
+from services.bench.metrics import RequestRecord, interpolated_goodput, percentile
 from services.bench.serve import (
     BenchResult,
     Progress_,
@@ -504,8 +504,8 @@ class PlannedResult:
 
     deployment: str
     gpus: int
-    goodput: float | None  # measured through the stack, req/s
-    simulated_goodput: float | None
+    goodput: float | None  # measured through the stack, req/s: where attainment crosses the target
+    simulated_goodput: float | None  # (interpolated between the swept rates, as `interpolated_goodput`)
     points: list[RatePoint]  # per rate: attainment and p50 latencies, measured and simulated
 
     def per_gpu(self, value: float | None) -> float | None:
@@ -523,8 +523,8 @@ def against_simulator(plan: PlannedDeployment, results: Sequence[BenchResult], o
         deployment = plan.simulated(baseline, same_gpus=True)
         points = replay(load_runs(out / result.label / "requests.json"), deployment,
                         colocated if baseline else disaggregated, slo, PLAN_LIMITS)
-        simulated = goodput([(p.rate, p.predicted) for p in points], slo.attainment_target)
-        planned.append(PlannedResult(result.label, deployment.gpus, result.goodput, simulated, points))
+        simulated = interpolated_goodput([(p.rate, p.predicted) for p in points], slo.attainment_target)
+        planned.append(PlannedResult(result.label, deployment.gpus, result.goodput_interpolated, simulated, points))
     return planned
 
 
@@ -543,8 +543,9 @@ def planned_table(planned: Sequence[PlannedResult], slo: SLO) -> Table:
     lines = []
     for p in planned:
         stack, sim = p.per_gpu(p.goodput), p.per_gpu(p.simulated_goodput)
-        lines.append(f"{p.deployment}: goodput per GPU {'-' if stack is None else f'{stack:.3g}'} through the stack, "
-                     f"{'-' if sim is None else f'{sim:.3g}'} simulated")
+        lines.append(f"{p.deployment} on {p.gpus} GPUs: goodput per GPU {'-' if stack is None else f'{stack:.3g}'} "
+                     f"through the stack, {'-' if sim is None else f'{sim:.3g}'} simulated (req/s per GPU where "
+                     "attainment crosses the target, between swept rates)")
     by_name = {p.deployment: p for p in planned}
     if {"plan", "plan-baseline"} <= set(by_name):
         ours, base = by_name["plan"], by_name["plan-baseline"]

@@ -372,9 +372,8 @@ class Worker(ABC):
         self.spawn(self._drain())
 
     async def _drain(self) -> None:
-        """Stop once idle. Every gateway has seen `draining` by then: it has been reported (and then nothing
-        was sent here) for two heartbeats in a row; a submit that still comes (sent before the report
-        arrived) is served, and restarts the wait."""
+        """Stop once idle for two heartbeats after `draining` was reported: by then no gateway sends work here.
+        A submit already on its way is served, and restarts the wait."""
         await self.report()
         quiet_since = None
         while True:
