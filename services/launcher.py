@@ -12,6 +12,11 @@ re-registers with the gateway under its instance id. A child that dies `restart_
 within a minute of its last start, stops the stack, as does any death with `--restart never` (the
 fail-fast that tests of a fixed topology want). The embedded nats-server and redis-server are restarted
 on their ports the same way.
+
+`--plan plan.yaml` starts what `distserve plan --yaml` planned (services/planner/deployment.py); with
+`--autoscale` the stack also runs the online planner and follows its plans: the actuator
+(services/planner/actuator.py) starts workers here (`add_worker`) and drains the surplus (`retire`:
+the worker leaves once its requests are done, and is not restarted).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import cast
 
 import httpx
 
@@ -40,6 +46,7 @@ from shared.config import (
     COMMON_FLAGS,
     GATEWAY_FLAGS,
     REVEAL_SECRETS,
+    Role,
     Settings,
     add_config_flag,
     add_flags,
@@ -145,19 +152,19 @@ def worker_threads(settings: Settings, role: str) -> int:
     return int(threads)
 
 
-def up_settings(args: argparse.Namespace) -> Settings:
-    """The flags over the plan (`--plan`) over the environment over the config file."""
+def up_settings(args: argparse.Namespace) -> tuple[Settings, PlannedDeployment | None]:
+    """The flags over the plan (`--plan`) over the environment over the config file; and the plan."""
     overrides = overrides_from_args(args)
     if args.baseline and not args.plan:
         raise ValueError("--baseline starts a plan's colocated baseline: give --plan too")
-    if args.plan:
-        plan = PlannedDeployment.load(args.plan)
+    plan = PlannedDeployment.load(args.plan) if args.plan else None
+    if plan is not None:
         overrides = deep_merge(plan.overrides(baseline=args.baseline), overrides)
         log.info("plan %s: %s at %g req/s, %s", args.plan, plan.model, plan.rate, plan.describe(args.baseline))
     settings = load_settings(overrides, args.config)
-    if settings.autoscale.enabled and (not args.plan or args.baseline):
+    if settings.autoscale.enabled and (plan is None or args.baseline):
         raise ValueError("--autoscale follows a plan's disaggregated deployment: give --plan (without --baseline)")
-    return settings
+    return settings, plan
 
 
 def check_counts(settings: Settings) -> None:
@@ -236,9 +243,9 @@ class Stack:
         for c in self.children:
             if c.name in _SERVICES or c.retiring_since is not None:
                 continue
-            role = c.args[0]
+            role = cast(Role, c.args[0])  # a worker's first argument is its role
             flags = dict(zip(c.args[1::2], c.args[2::2], strict=False))
-            section = self.settings.role(role)  # type: ignore[arg-type]  # a worker's first arg is its role
+            section = self.settings.role(role)
             out.append(Running(c.name, role, int(flags.get("--tp", section.tp)), int(flags.get("--pp", section.pp))))
         return out
 
@@ -256,19 +263,18 @@ class Stack:
         child = next(c for c in self.children if c.name == name)
         child.retiring_since = now
 
-    def _retired(self, child: Child, now: float) -> bool:
-        """Handle a retiring child; True when it is gone (and dropped from the stack)."""
+    def _retired(self, child: Child, now: float) -> None:
+        """A retiring child: dropped from the stack once it has left, stopped if it outlives the deadline."""
         if child.proc.poll() is not None:
             log.info("%s left (drained, exit code %d)", child.name, child.proc.returncode)
             self.children.remove(child)
-            return True
+            return
         assert child.retiring_since is not None
         if not child.terminated and now - child.retiring_since > self.drain_timeout_s:
             log.warning("%s still draining after %.0f s; stopping it (its requests move on)", child.name,
                         self.drain_timeout_s)
             child.proc.send_signal(signal.SIGTERM)
             child.terminated = True
-        return False
 
     @property
     def url(self) -> str:
@@ -414,12 +420,12 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s up %(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per health poll
     try:
-        settings = up_settings(args)
+        settings, plan = up_settings(args)
         check_counts(settings)
     except ValueError as exc:
         print(f"distserve up: {exc}", file=sys.stderr)
         return 2
-    stack = Stack(settings, args.log_level.upper(), plan=PlannedDeployment.load(args.plan) if args.plan else None)
+    stack = Stack(settings, args.log_level.upper(), plan=plan)
     signal.signal(signal.SIGINT, stack.request_stop)
     signal.signal(signal.SIGTERM, stack.request_stop)
     try:

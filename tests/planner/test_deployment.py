@@ -41,7 +41,7 @@ def test_flags_override_the_plan_and_bad_plans_are_refused(tmp_path: Path) -> No
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     parse = build_parser(with_bench=False).parse_args
-    settings = up_settings(parse(["up", "--plan", str(path), "--decode", "1"]))
+    settings, _ = up_settings(parse(["up", "--plan", str(path), "--decode", "1"]))
     assert (settings.prefill.pp, settings.decode.tp, settings.decode_instances) == (3, 2, 1)
     with pytest.raises(ValueError, match="no colocated baseline"):
         up_settings(parse(["up", "--plan", str(path), "--baseline"]))

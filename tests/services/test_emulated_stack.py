@@ -71,7 +71,8 @@ def test_up_plan_starts_the_planned_instances(redis_server: RedisServer, tmp_pat
         args = build_parser(with_bench=False).parse_args(
             ["up", "--plan", str(tmp_path / "plan.yaml"), "--nats-url", nats.url, "--redis-url", redis_server.url,
              "--port", str(free_port())])
-        stack = Stack(up_settings(args), "WARNING", announce=False)
+        settings, plan = up_settings(args)
+        stack = Stack(settings, "WARNING", announce=False, plan=plan)
         try:
             stack.start()
             stack.wait_ready(120)
