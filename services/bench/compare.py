@@ -454,7 +454,8 @@ def main(args: argparse.Namespace) -> int:
         breakdown = {rate: phase_breakdown(states) for rate, states in measured.timelines.items()}
         meta = {"command": "compare", "deployment": name, "description": DEPLOYMENTS[name],
                 "settings": json.loads(settings.model_dump_json()), "workload": args.workload,
-                "sweep": asdict(sweep_from_args(args)), "phases": breakdown}
+                "sweep": asdict(sweep_from_args(args)), "phases": breakdown,
+                "cpu_seconds": measured.cpu_seconds, "sweep_seconds": measured.sweep_seconds}
         if plan is not None and name in PLANNED:
             meta["gpus"] = plan.simulated(name == "plan-baseline", same_gpus=True).gpus
             meta["plan"] = plan.describe(name == "plan-baseline", same_gpus=True)
