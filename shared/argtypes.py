@@ -27,6 +27,12 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return positive_float(text)
+
+
 def fraction(text: str) -> float:
     value = positive_float(text)
     if value > 1:

@@ -7,7 +7,7 @@ import argparse
 from services.planner.latency import LatencyModel, load_profiles, reference_profiles
 from services.planner.simulator import Limits, Parallel
 from services.planner.specs import Cluster, gpu_spec, model_key, model_shape
-from shared.argtypes import fraction, positive_float, positive_int
+from shared.argtypes import fraction, non_negative_float, positive_float, positive_int
 
 REFERENCE_NOTE = "reference profiles are A100-80GB measurements of opt-13b and opt-66b"
 
@@ -41,11 +41,20 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-total-tokens", type=positive_int, default=2048, help="context cap (OPT: 2048)")
     p.add_argument("--prefill-budget", type=positive_int, default=Limits().prefill_token_budget)
     p.add_argument("--seed", type=int, default=0)
+    add_decode_overhead_arg(p)
+
+
+def add_decode_overhead_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode-overhead-ms", type=non_negative_float, default=0.0,
+                   help="add this to every decode step of the disaggregated engine's profile: the serving loop's "
+                   "own time (12 fits the DistServe artifact's A100 runs; docs/planner.md); default 0")
 
 
 def resolve_profiles(args: argparse.Namespace) -> tuple[LatencyModel, LatencyModel]:
-    """(disaggregated engine's profile, colocated baseline's profile) for --model/--gpu/--profile."""
-    return profiles_for(args.model, args.gpu, args.profile)
+    """(disaggregated engine's profile, colocated baseline's profile) for --model/--gpu/--profile, the first
+    with --decode-overhead-ms added to its decode steps."""
+    ours, baseline = profiles_for(args.model, args.gpu, args.profile)
+    return ours.with_decode_overhead(getattr(args, "decode_overhead_ms", 0.0)), baseline
 
 
 def profiles_for(model: str, gpu_name: str, profile: str) -> tuple[LatencyModel, LatencyModel]:

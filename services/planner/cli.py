@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any, get_args
 
-from services.planner.args import REFERENCE_NOTE, add_problem_args, cluster_from, parallel_arg, resolve_profiles
+from services.planner.args import (
+    REFERENCE_NOTE,
+    add_decode_overhead_arg,
+    add_problem_args,
+    cluster_from,
+    parallel_arg,
+    resolve_profiles,
+)
 from services.planner.latency import load_profiles, save_profiles
 from services.planner.simulator import Limits, Parallel
 from services.planner.specs import model_key
@@ -83,6 +90,7 @@ def register(subparsers: Any) -> None:
     sim.add_argument("--tpot", type=positive_float, required=True, help="TPOT SLO, seconds")
     sim.add_argument("--prefill-budget", type=positive_int, default=2048, help="the workers' max_num_batched_tokens")
     sim.add_argument("--max-batch", type=positive_int, default=64, help="the workers' max_num_seqs")
+    add_decode_overhead_arg(sim)
     sim.add_argument("--server-side", action="store_true",
                      help="measure TTFT/TPOT as the gateway stamped them (timelines.json beside requests.json, "
                           "from `bench compare`), not as the load generator saw them")
@@ -218,6 +226,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         if len(models) != 1:
             raise ValueError(f"{args.profile} holds {len(models)} profiles; simulate takes one machine's profile")
         (model,) = models.values()
+        if args.deployment == "disagg":
+            model = model.with_decode_overhead(args.decode_overhead_ms)
     if args.artifact_runs:
         if args.server_side:
             raise ValueError("--server-side needs --requests (the artifact's runs were timed by its client)")

@@ -16,7 +16,7 @@ import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,14 @@ class StepProfile:
     def decode_time(self, batch: int, sum_ctx: float) -> float:
         return self.decode_coeffs(batch).ms(sum_ctx, batch) / 1000.0
 
+    def with_decode_overhead(self, ms: float) -> StepProfile:
+        """Every decode step `ms` longer (the serving loop's own time per step, which a kernel profile
+        leaves out: docs/planner.md, the artifact's runs)."""
+        def longer(c: Coeffs) -> Coeffs:
+            return Coeffs(c.a + ms, c.b, c.c)
+
+        return replace(self, decode_small=longer(self.decode_small), decode_large=longer(self.decode_large))
+
     def decode_round(self, batch: int, sum_ctx: float, pp: int = 1) -> float:
         """One token for each of `batch` requests over `pp` stages: k = min(pp, batch) micro-batches
         each take 1/k of the batch's work, A + (B * sum_ctx + C * batch) / k in all."""
@@ -115,6 +123,12 @@ class LatencyModel:
 
     def allows(self, tp: int, pp: int) -> bool:
         return tp in self.steps and pp >= 1 and (self.max_pp is None or pp <= self.max_pp)
+
+    def with_decode_overhead(self, ms: float) -> LatencyModel:
+        if ms == 0:
+            return self
+        return replace(self, steps={tp: step.with_decode_overhead(ms) for tp, step in self.steps.items()},
+                       source=f"{self.source} + {ms:g} ms per decode step")
 
     def kv_capacity(self, tp: int, pp: int) -> int:
         if (tp, pp) in self.capacity_table:

@@ -201,6 +201,14 @@ def test_the_simulator_against_the_artifacts_a100_runs() -> None:
     assert [p.rate for p in disagg] == [3, 4.5, 6, 7.5, 9, 10.5, 12]
     for point in disagg[:3]:
         assert abs(point.error_pp) <= 3 and point.measured >= 0.9 and point.predicted >= 0.9
+    # Past the knee the published profile is optimistic (+13 pp at 9 req/s): served decode steps ran longer.
+    assert max(p.error_pp for p in disagg) > 10
+    # A constant 12 ms per decode step (calibrated on the 4.5, 7.5 and 10.5 req/s runs) brings every run,
+    # the four it was not fitted on included, within 3 pp: one standard error of a 300-request run there.
+    served = replay(artifact_runs(sorted(A100_RUNS.glob("distserve-c21d11-*.csv"))),
+                    Disaggregated(Parallel(2), 1, Parallel(1), 1), profiles["distserve"].with_decode_overhead(12),
+                    slo, Limits(prefill_token_budget=32768, max_batch=1024))
+    assert max(abs(p.error_pp) for p in served) <= 3.0
     colocated = replay(artifact_runs(sorted(A100_RUNS.glob("vllm-tp1-*.csv"))), Colocated(Parallel(1)),
                        profiles["vllm"], slo, Limits(prefill_token_budget=65536, max_batch=1024))
     assert len(colocated) == 7
