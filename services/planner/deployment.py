@@ -34,6 +34,10 @@ class PlannedPhase(_Part):
         return self.tp * self.pp * self.instances
 
 
+class PlannedBaseline(PlannedPhase):
+    instances: int = Field(ge=0)  # 0: no colocated deployment meets the SLO, at any rate
+
+
 class PlannedSLO(_Part):
     ttft: float = Field(gt=0)
     tpot: float = Field(gt=0)
@@ -54,7 +58,7 @@ class PlannedDeployment(_Part):
     rate: float
     prefill: PlannedPhase
     decode: PlannedPhase
-    baseline: PlannedPhase | None = None  # the colocated deployment it was compared with
+    baseline: PlannedBaseline | None = None  # the colocated deployment it was compared with
     kv_bandwidth_gbps: float = Field(gt=0)
     slo: PlannedSLO | None = None  # what it was planned for (the online planner replans for the same)
     cluster: PlannedCluster = PlannedCluster()
@@ -97,12 +101,14 @@ class PlannedDeployment(_Part):
                 "--ttft", str(self.slo.ttft), "--tpot", str(self.slo.tpot), "--attainment", str(self.slo.attainment),
                 "--nodes", str(self.cluster.nodes), "--gpus-per-node", str(self.cluster.gpus_per_node)]
 
-    def colocated(self, same_gpus: bool = False) -> PlannedPhase:
+    def colocated(self, same_gpus: bool = False) -> PlannedBaseline:
         """The plan's colocated baseline: as the plan sized it for its rate, or on as many GPUs as the plan
         (`same_gpus`: the comparison per GPU of the paper)."""
         if self.baseline is None:
             raise ValueError("this plan has no colocated baseline")
         if not same_gpus:
+            if self.baseline.instances == 0:
+                raise ValueError("the plan's colocated baseline meets the SLO at no rate: it has no instances")
             return self.baseline
         per_instance = self.baseline.tp * self.baseline.pp
         return self.baseline.model_copy(update={"instances": max(1, self.gpus // per_instance)})

@@ -50,6 +50,10 @@ def test_flags_override_the_plan_and_bad_plans_are_refused(tmp_path: Path) -> No
     path.write_text(yaml.safe_dump({**plan, "profile": "measured:default"}))
     with pytest.raises(ValueError, match="emulated engine"):  # this machine's engine runs TP1 x PP1 only
         up_settings(parse(["up", "--plan", str(path)]))
+    path.write_text(yaml.safe_dump({**plan, "baseline": {"tp": 2, "instances": 0}}))  # no baseline meets the SLO
+    with pytest.raises(ValueError, match="at no rate"):
+        up_settings(parse(["up", "--plan", str(path), "--baseline"]))
+    assert PlannedDeployment.load(path).colocated(same_gpus=True).instances == 3  # 7 GPUs: three TP2 instances
     path.write_text(yaml.safe_dump({**plan, "decode": {"tp": 0, "instances": 1}}))
     with pytest.raises(ValueError, match="decode.tp"):
         PlannedDeployment.load(path)
