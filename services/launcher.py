@@ -63,6 +63,7 @@ log = logging.getLogger("distserve.up")
 _READY_TIMEOUT_S = 600.0  # a first start dequantizes the model (seconds) per process
 _DRAIN_TIMEOUT_S = 120.0  # a retired worker still busy after this is stopped (its requests migrate)
 _SERVICES = ("gateway", "planner")  # the children that are not workers
+_STOP_WAIT_S = 20.0  # a child's own shutdown is bounded below this (worker.shutdown_timeout_s, 15 s)
 _PLANNER_REQUESTS = 300  # simulated requests per goodput search of the online planner: a replan in seconds
 
 
@@ -403,7 +404,7 @@ class Stack:
                 child.proc.send_signal(signal.SIGTERM)
         for child in reversed(self.children):
             try:
-                child.proc.wait(timeout=15)
+                child.proc.wait(timeout=_STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop in time; killing it", child.name)
                 child.proc.kill()

@@ -172,7 +172,7 @@ class WorkerSettings(_Section):
     kv_failure_policy: Literal["recompute", "fail"] = Field(
         default="recompute", description="a failed KV pull: decode recomputes the prefill, or the request fails")
     shutdown_timeout_s: float = Field(
-        default=10.0, gt=0, description="a worker whose shutdown takes longer dumps its threads' stacks and exits")
+        default=15.0, gt=0, description="a worker whose shutdown takes longer dumps its threads' stacks and exits")
 
 
 class EmulationSettings(_Section):

@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
 
-from services.worker.runner import EngineRunner, StepResult
+from services.worker.runner import STOP_WAIT_S, EngineRunner, StepResult
 from shared import protocol as p
 from shared.config import RoleSettings, Settings
 from shared.control_plane import connect_nats
@@ -46,7 +46,7 @@ T = TypeVar("T")
 
 _REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
 _STEP_RECORDS_INTERVAL_S = 1.0
-_CLOSE_TIMEOUT_S = 2.0
+_STAGE_TIMEOUT_S = 1.0  # each stage of a shutdown (`Worker.shutdown`), but the engine's: 10 s at most in all
 
 
 @dataclass
@@ -196,26 +196,40 @@ class Worker(ABC):
         return self.exit_code
 
     async def shutdown(self) -> None:
+        """Each stage within its own bound, named in the log when it overruns: a stuck close (a transport's,
+        a task that will not end) costs seconds and says which, never the whole shutdown."""
+        await self._stage("handing requests back", self._hand_back())
+        await self._stage("saying goodbye", self._bye())
+        await self._stage("stopping tasks", cancel_all(list(self._tasks)))
+        if self.runner is not None:  # the engine thread ends with its step under way
+            await self._stage("stopping the engine", self.runner.stop(), STOP_WAIT_S)
+        if self.transport is not None:
+            await self._stage("closing the KV transport", self.transport.close())
+        await self._stage("flushing request state", self.state.close())
+        if self.redis is not None:
+            await self._stage("closing Redis", self.redis.aclose())
+        if self.nc is not None:
+            await self._stage("closing NATS", self.nc.close())
+        self.tracing.shutdown()
+
+    async def _stage(self, name: str, step: Coroutine[Any, Any, Any], timeout: float = _STAGE_TIMEOUT_S) -> None:
+        try:
+            await asyncio.wait_for(step, timeout)
+        except TimeoutError:
+            log.warning("%s: shutdown: %s did not finish within %.0f s; going on", self.instance_id, name, timeout)
+        except Exception as exc:  # a failed close is no reason to stay
+            log.warning("%s: shutdown: %s failed: %s", self.instance_id, name, exc)
+
+    async def _hand_back(self) -> None:
         for request_id, tracked in list(self.requests.items()):  # each gateway continues them elsewhere
             await self.send_error(tracked.reply_to, request_id, f"worker {self.instance_id} shut down", 503,
                                   migrate=True)
         self.requests.clear()
+
+    async def _bye(self) -> None:
         if self.nc is not None and self.nc.is_connected:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(p.Subjects.bye, p.WorkerBye(instance_id=self.instance_id).encode())
-                await self.nc.flush(timeout=2)
-        await cancel_all(list(self._tasks))
-        if self.runner is not None:
-            await self.runner.stop()
-        if self.transport is not None:
-            await self.transport.close()
-        await self.state.close()
-        if self.redis is not None:
-            await self.redis.aclose()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), _CLOSE_TIMEOUT_S)
-        self.tracing.shutdown()
+            await self.nc.publish(p.Subjects.bye, p.WorkerBye(instance_id=self.instance_id).encode())
+            await self.nc.flush(timeout=1)
 
     def _fatal(self, exc: BaseException) -> None:
         log.error("%s: engine failed (%s); stopping", self.instance_id, exc)

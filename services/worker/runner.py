@@ -28,7 +28,7 @@ T = TypeVar("T")
 X = TypeVar("X")
 
 _IDLE_WAIT_S = 0.1  # safety net only: every call wakes the step loop
-_STOP_WAIT_S = 5.0
+STOP_WAIT_S = 3.0  # the engine thread's longest step to finish at shutdown
 
 
 @dataclass
@@ -106,9 +106,9 @@ class EngineRunner(Generic[X]):
         self._wake.set()
         self._calls.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():  # it ends with the step under way
-            await asyncio.to_thread(self._thread.join, _STOP_WAIT_S)
+            await asyncio.to_thread(self._thread.join, STOP_WAIT_S)
             if self._thread.is_alive():
-                log.warning("the engine thread is still in a step after %.0f s", _STOP_WAIT_S)
+                log.warning("the engine thread is still in a step after %.0f s", STOP_WAIT_S)
 
     # -- engine thread ------------------------------------------------------------------------------
 
