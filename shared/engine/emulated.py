@@ -1,7 +1,7 @@
 """EmulatedEngine: the engine API with the model replaced by a clock, to rehearse GPU deployments here.
 
 Everything that serves is the real one (EngineCore: the scheduler, its blocks, token-budget and
-continuous batching, the KV hand-off's engine half); only the compute is modelled. A step waits the
+continuous batching, the KV hand-off's engine half); only the compute is modelled. A step lasts the
 time `StepTimes` gives for its batch on the emulated GPU at the instance's TP and PP, then emits
 deterministic placeholder tokens (the same text for a request wherever it runs, so a migrated
 request continues its stream exactly). No torch: KV blocks are a numpy byte array.
