@@ -40,7 +40,7 @@ from typing import cast
 import httpx
 
 from services.planner.actuator import Actuator, Autoscaler, Running
-from services.planner.deployment import PlannedDeployment, deep_merge
+from services.planner.deployment import PlannedDeployment
 from shared.argtypes import cpu_list
 from shared.config import (
     COMMON_FLAGS,
@@ -50,6 +50,7 @@ from shared.config import (
     Settings,
     add_config_flag,
     add_flags,
+    deep_merge,
     load_settings,
     overrides_from_args,
 )

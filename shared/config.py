@@ -369,6 +369,14 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested overrides: `top` over `base`, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def settings_from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> Settings:
     overrides = overrides_from_args(args)
     for key, value in (extra or {}).items():

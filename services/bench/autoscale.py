@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -31,9 +32,10 @@ from services.bench.loadgen import Run, run_load
 from services.bench.metrics import RequestRecord, meets_slo
 from services.bench.serve import default_output_dir
 from services.launcher import Stack
-from services.planner.deployment import PlannedDeployment, deep_merge
+from services.planner.deployment import PlannedDeployment
 from services.planner.workload import load_lengths
-from shared.config import load_settings
+from shared.argtypes import non_negative_float, positive_float
+from shared.config import deep_merge, load_settings
 from shared.engine.precision import cpu_model
 from shared.servers import free_port
 from shared.workloads import SLO, WorkloadRequest
@@ -98,17 +100,17 @@ class Measured:
 
 
 def live_gpus(url: str) -> int | None:
-    """GPUs of the workers the gateway sees (tp x pp each), from distserve_worker_info."""
+    """GPUs of the workers the gateway at `url` sees; None if it does not answer."""
     try:
-        text = httpx.get(f"{url}/metrics", timeout=2).text
+        return gpus_in(httpx.get(f"{url}/metrics", timeout=2).text)
     except httpx.HTTPError:
         return None
-    total = 0
-    for line in text.splitlines():
-        if line.startswith("distserve_worker_info{"):
-            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
-            total += int(labels["tp"].strip('"')) * int(labels["pp"].strip('"'))
-    return total
+
+
+def gpus_in(metrics: str) -> int:
+    """GPUs of the live workers in a gateway's /metrics: tp x pp each, from distserve_worker_info."""
+    return sum(int(sample.labels["tp"]) * int(sample.labels["pp"]) for family in text_string_to_metric_families(metrics)
+               if family.name == "distserve_worker_info" for sample in family.samples)
 
 
 def run_one(label: str, plan: PlannedDeployment, autoscale: bool, requests: Sequence[WorkloadRequest],
@@ -175,15 +177,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", type=Path, required=True, help="what both runs start (`distserve plan --yaml`)")
     p.add_argument("--phases", type=parse_phases, default=parse_phases("2:60,6:90:long,2:90"),
                    help="RATE:SECONDS[:long],... (default 2:60,6:90:long,2:90)")
-    p.add_argument("--window", type=float, default=20.0, help="the planner's window, seconds (default 20)")
-    p.add_argument("--interval", type=float, default=5.0, help="seconds between its evaluations (default 5)")
-    p.add_argument("--cooldown", type=float, default=15.0, help="the actuator's cool-down (default 15)")
-    p.add_argument("--scale-down-after", type=float, default=30.0, help="a lower plan must hold this long "
+    p.add_argument("--window", type=positive_float, default=20.0, help="the planner's window, seconds (default 20)")
+    p.add_argument("--interval", type=positive_float, default=5.0, help="seconds between its evaluations (default 5)")
+    p.add_argument("--cooldown", type=non_negative_float, default=15.0, help="the actuator's cool-down (default 15)")
+    p.add_argument("--scale-down-after", type=non_negative_float, default=30.0, help="a lower plan must hold this long "
                    "(default 30)")
-    p.add_argument("--tail", type=float, default=60.0, help="seconds after the last send to let requests end")
+    p.add_argument("--tail", type=positive_float, default=60.0, help="seconds after the last send to let requests end")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=positive_float, default=300.0)
+    p.add_argument("--ready-timeout", type=positive_float, default=300.0)
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--output-dir", type=Path)
     p.set_defaults(func=main)

@@ -48,12 +48,12 @@ from services.bench.serve import (
 )
 from services.launcher import Stack
 from services.planner.args import profiles_for
-from services.planner.deployment import PlannedDeployment, deep_merge
+from services.planner.deployment import PlannedDeployment
 from services.planner.replay import RatePoint, load_runs, replay
 from services.planner.simulator import Limits
 from services.planner.specs import gpu_spec
 from shared.argtypes import names_from
-from shared.config import Auto, DType, EngineSettings, Settings, Weights, load_settings
+from shared.config import Auto, DType, EngineSettings, Settings, Weights, deep_merge, load_settings
 from shared.cpus import available_cpus, pin_process, process_cpu_seconds
 from shared.servers import free_port
 from shared.state import Phase, connect_redis, read_request, read_steps, recent_requests

@@ -25,9 +25,9 @@ from rich.table import Table
 from services.bench import report
 from services.bench.compare import PLAN_LIMITS, against_simulator, run_deployment
 from services.bench.serve import add_workload_args, analyze, default_output_dir, save, slo_from_args
-from services.planner.deployment import PlannedDeployment, deep_merge
+from services.planner.deployment import PlannedDeployment
 from shared.argtypes import positive_float, positive_int, positive_ints
-from shared.config import load_settings
+from shared.config import deep_merge, load_settings
 from shared.engine.precision import cpu_model
 from shared.servers import free_port
 from shared.workloads import SLO, WorkloadRequest

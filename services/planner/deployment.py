@@ -141,10 +141,3 @@ class PlannedDeployment(_Part):
         return (f"{p.instances} prefill TP{p.tp}xPP{p.pp} + {d.instances} decode TP{d.tp}xPP{d.pp} "
                 f"({self.gpus} GPUs)")
 
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, section by section."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

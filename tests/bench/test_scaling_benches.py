@@ -6,9 +6,13 @@ import argparse
 import os
 
 import pytest
+from prometheus_client import generate_latest
 
-from services.bench.autoscale import LONG_PROMPT, parse_phases, shifting_trace
+from services.bench.autoscale import LONG_PROMPT, gpus_in, parse_phases, shifting_trace
 from services.bench.scale import cpu_shares, deployment, fixed_requests
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.registry import Registry
+from shared import protocol as p
 from shared.cpus import process_cpu_seconds
 
 
@@ -42,3 +46,13 @@ def test_scale_points_split_instances_and_count_cpu_per_process() -> None:
     sum(i * i for i in range(2_000_000))
     assert process_cpu_seconds(os.getpid()) > before
     assert process_cpu_seconds(2**22 + 12345) == 0.0  # no such process
+
+
+def test_gpus_in_use_are_counted_from_the_gateways_worker_info() -> None:
+    registry = Registry(3.0)
+    workers = (("prefill-0", "prefill", 1, 3), ("decode-0", "decode", 2, 1), ("decode-1", "decode", 2, 1))
+    for name, role, tp, pp in workers:
+        registry.update(p.WorkerInfo(instance_id=name, role=role, model="opt-13b", max_model_len=2048, pid=1,
+                                     host="h", started_at=0, engine="emulated-a100", tp=tp, pp=pp))
+    assert gpus_in(generate_latest(GatewayMetrics(registry).registry).decode()) == 3 + 2 + 2
+    assert gpus_in("") == 0
