@@ -25,6 +25,7 @@ from rich.table import Table
 from services.bench import report
 from services.bench.compare import PLAN_LIMITS, against_simulator, run_deployment
 from services.bench.serve import add_workload_args, analyze, default_output_dir, save, slo_from_args
+from services.planner.args import profiles_for
 from services.planner.deployment import PlannedDeployment
 from shared.argtypes import positive_float, positive_int, positive_ints
 from shared.config import deep_merge, load_settings
@@ -140,7 +141,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     console, err = Console(), Console(stderr=True)
-    slo = slo_from_args(args)
+    try:  # a model without a reference profile, or a bad SLO, fails here: before any stack starts
+        slo = slo_from_args(args)
+        profiles_for(args.model, "a100", "reference")
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
     out: Path = args.output_dir or default_output_dir("scale", "fixed")
     points: list[ScalePoint] = []
     for n in args.instances:

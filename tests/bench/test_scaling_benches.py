@@ -56,3 +56,9 @@ def test_gpus_in_use_are_counted_from_the_gateways_worker_info() -> None:
                                      host="h", started_at=0, engine="emulated-a100", tp=tp, pp=pp))
     assert gpus_in(generate_latest(GatewayMetrics(registry).registry).decode()) == 3 + 2 + 2
     assert gpus_in("") == 0
+
+
+def test_scale_refuses_a_model_without_a_reference_profile_before_any_stack_starts() -> None:
+    from services.cli import main
+
+    assert main(["bench", "scale", "--model", "opt-7000b"]) == 2
