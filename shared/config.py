@@ -173,6 +173,9 @@ class WorkerSettings(_Section):
         default="recompute", description="a failed KV pull: decode recomputes the prefill, or the request fails")
     shutdown_timeout_s: float = Field(
         default=15.0, gt=0, description="a worker whose shutdown takes longer dumps its threads' stacks and exits")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="the worker's own Prometheus /metrics "
+                              "(steps, batches, queue time, KV usage); 0: off")
+    metrics_host: str = Field(default="127.0.0.1", description="address the worker's /metrics listens on")
 
 
 class EmulationSettings(_Section):

@@ -68,6 +68,7 @@ class InFlight:
     emitted_chars: int = 0
     migrations: int = 0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0  # when the latest token arrived (inter-token latency)
     finished_at: float = 0.0
     output_tokens: int = 0
     finish_reason: str | None = None
@@ -315,6 +316,9 @@ class Dispatcher:
             self.metrics.pending.set(self.pending)
             self.metrics.ttft.observe(now - flight.arrived)
             self.state.update(flight.request_id, first_token=now, status="prefilled")
+        else:
+            self.metrics.itl.observe(now - flight.last_token_at)
+        flight.last_token_at = now
         if event.transfer is not None:
             transport = event.transfer.transport
             self.metrics.kv_transfer.labels(transport=transport).observe(event.transfer.seconds)

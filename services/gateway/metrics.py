@@ -23,11 +23,14 @@ class GatewayMetrics:
     def __init__(self, workers: Registry) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("distserve_ttft_seconds", "time to first token", registry=r,
+        # Named as vLLM names them (TTFT, TPOT per request, inter-token latency, e2e), units in the name.
+        self.ttft = Histogram("distserve_time_to_first_token_seconds", "time to first token", registry=r,
                               buckets=_LATENCY_BUCKETS)
-        self.tpot = Histogram("distserve_tpot_seconds", "time per output token after the first (per request)",
-                              registry=r, buckets=_TPOT_BUCKETS)
-        self.e2e = Histogram("distserve_e2e_seconds", "end-to-end request latency", registry=r,
+        self.tpot = Histogram("distserve_time_per_output_token_seconds", "a request's mean time per output token "
+                              "after the first: what the TPOT objective bounds", registry=r, buckets=_TPOT_BUCKETS)
+        self.itl = Histogram("distserve_inter_token_latency_seconds", "gap between a request's consecutive tokens "
+                             "as the gateway receives them", registry=r, buckets=_TPOT_BUCKETS)
+        self.e2e = Histogram("distserve_e2e_request_latency_seconds", "end-to-end request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
         self.kv_transfer = Histogram("distserve_kv_transfer_seconds", "KV cache pull time per request", ["transport"],
                                      registry=r, buckets=_TPOT_BUCKETS)

@@ -208,7 +208,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--window", type=float, default=60.0, help="seconds of traffic to plan from")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between policy evaluations")
     p.add_argument("--threshold", type=float, default=0.2, help="relative shift that triggers a replan")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port on 127.0.0.1 (0: none)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the Prometheus port listens on")
     p.set_defaults(func=_run_service)
 
 
@@ -225,7 +226,7 @@ def _run_service(args: argparse.Namespace) -> int:
         print(f"distserve planner: error: {e}", file=sys.stderr)
         return 2
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr="127.0.0.1", registry=registry)
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=registry)
     logging.basicConfig(level=logging.INFO)
     stop = asyncio.Event()
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it

@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
 
+from services.worker.metrics import WorkerMetrics
 from services.worker.runner import STOP_WAIT_S, EngineRunner, StepResult
 from shared import protocol as p
 from shared.config import RoleSettings, Settings
@@ -84,6 +85,7 @@ class Worker(ABC):
         self.transport: KVTransport | None = None
         self.engine: Engine | None = None
         self.runner: EngineRunner[Any] | None = None
+        self.metrics = WorkerMetrics(instance_id, self.role, lambda: self.runner.stats if self.runner else None)
 
     # -- what roles provide ---------------------------------------------------------------------------
 
@@ -179,8 +181,9 @@ class Worker(ABC):
         await self.nc.subscribe(p.Subjects.drain(self.instance_id), cb=self._on_drain)
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
-        if self.redis is not None:
-            self.spawn(self._step_records_loop(self.redis))
+        if self.settings.worker.metrics_port:
+            self.metrics.serve(self.settings.worker.metrics_host, self.settings.worker.metrics_port)
+        self.spawn(self._step_records_loop())
         await self.report()
         log.info("%s ready: model %s, engine %s (TP%d x PP%d), dtype %s, weights %s, %d KV blocks, max_model_len %d",
                  self.instance_id, self.engine.model_name, self.engine.label, self.engine.config.tp,
@@ -316,6 +319,7 @@ class Worker(ABC):
     def record_prefill(self, out: StepOutput, tracked: Tracked, result: StepResult[Any], **attributes: Any) -> None:
         """The request's prefill phases, from its arrival here to the end of the step that computed it."""
         self.state.update(out.request_id, prefill_start=result.started, prefill_end=result.ended)
+        self.metrics.observe_queue_time(result.started - tracked.received)
         self.tracing.record("prefill queue", tracked.received, result.started, tracked.trace)
         self.tracing.record("prefill compute", result.started, result.ended, tracked.trace,
                             {"instance": self.instance_id, "prompt_tokens": out.num_prompt_tokens, **attributes})
@@ -356,16 +360,19 @@ class Worker(ABC):
         delay = max(0.0, self._last_report + _REPORT_MIN_INTERVAL_S - time.monotonic())
         asyncio.get_running_loop().call_later(delay, lambda: self.spawn(self.report()))
 
-    async def _step_records_loop(self, client: aioredis.Redis) -> None:
-        """Every second, the engine's new step records to Redis (for `distserve profile --refit`)."""
+    async def _step_records_loop(self) -> None:
+        """Every second, the engine's new step records to the metrics and to Redis (for `distserve profile
+        --refit`)."""
         key = steps_key(self.role, self.instance_id)
         while True:
             await asyncio.sleep(_STEP_RECORDS_INTERVAL_S)
             records = await self.engine_call(lambda e: e.take_step_records())
-            if not records:
+            self.metrics.observe_steps(records)
+            if not records or self.redis is None:
                 continue
             try:
-                await push_steps(client, key, [json.dumps(asdict(r)) for r in records], self.settings.request_ttl_s)
+                await push_steps(self.redis, key, [json.dumps(asdict(r)) for r in records],
+                                 self.settings.request_ttl_s)
             except Exception as exc:  # state is best effort: never the worker's failure
                 log.warning("%s: step records not written: %s", self.instance_id, exc)
 
