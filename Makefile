@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean compose-images compose-test
 
 # torch is installed first and pinned: any other spec pulls multi-GB CUDA builds on a CPU machine.
 # The default model, the benchmark datasets and GPT-2's BPE files (OPT's tokenizer, for the planner's
@@ -29,5 +29,16 @@ lint: install
 test: lint
 	$(BIN)/pytest -q
 
+# The compose stack for real (tests/compose): Debian's Docker engine where missing, images built offline
+# (deploy/compose/offline/build.sh), the stack started, checked and removed. `.ci/run` runs it after `test`.
+compose-test: install
+	deploy/compose/offline/install-engine.sh
+	DISTSERVE_COMPOSE_TEST=1 $(BIN)/pytest -q tests/compose
+
+# The images alone, for `docker compose -f docker-compose.yml -f docker-compose.offline.yml up` (needs dockerd).
+compose-images: install
+	deploy/compose/offline/install-engine.sh
+	PYTHON=$(BIN)/python deploy/compose/offline/build.sh
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build

@@ -21,14 +21,24 @@ PHASES = {"gateway", "prefill queue", "prefill compute", "kv transfer", "decode 
 
 
 class Collector(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    """An OTLP/HTTP trace receiver on `host` (loopback; the compose test binds the Docker bridge's address)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), _Handler)
         self.spans: list[tuple[str, str, bytes, bytes, bytes]] = []  # service, name, trace, span, parent
         self.lock = threading.Lock()
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/traces"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}/v1/traces"
+
+    def start(self) -> Collector:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,12 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    server = Collector()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = Collector().start()
     yield server
-    server.shutdown()
-    server.server_close()
+    server.stop()
 
 
 def test_every_phase_is_a_span_of_the_request_trace(redis_server: RedisServer, collector: Collector) -> None:
