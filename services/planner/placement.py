@@ -38,6 +38,16 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class Shapes:
+    """The instance shapes already running, which a replan keeps while they are within ``margin`` of the
+    best shape's deployed goodput per GPU (the online planner: counts move, shapes do not flap)."""
+
+    prefill: Parallel
+    decode: Parallel
+    margin: float = 0.25
+
+
+@dataclass(frozen=True)
 class Problem:
     model: LatencyModel  # the disaggregated engine's profile
     cluster: Cluster
@@ -45,6 +55,7 @@ class Problem:
     rate: float  # target requests/s
     trace: Trace  # unit-rate trace: the workload's lengths and arrival pattern
     limits: Limits = Limits()
+    keep: Shapes | None = None
 
     def __post_init__(self) -> None:
         if not self.rate > 0:
@@ -114,8 +125,15 @@ def rank(rate: float, goodput: float, gpus: int) -> tuple[float, float, int]:
     return (round(deployed, 9), round(goodput / gpus, 9), -gpus)
 
 
-def best(scored: list[Scored], rate: float) -> Scored:
-    return max(scored, key=lambda s: rank(rate, s.goodput, s.config.gpus))
+def best(scored: list[Scored], rate: float, keep: Parallel | None = None, margin: float = 0.0) -> Scored:
+    """The best by ``rank``; or ``keep``'s configuration where its deployed goodput per GPU is within
+    ``margin`` of the best's."""
+    top = max(scored, key=lambda s: rank(rate, s.goodput, s.config.gpus))
+    kept = next((s for s in scored if s.config == keep and s.goodput > 0), None)
+    if kept is not None and rank(rate, kept.goodput, kept.config.gpus)[0] >= \
+            (1 - margin) * rank(rate, top.goodput, top.config.gpus)[0]:
+        return kept
+    return top
 
 
 @dataclass(frozen=True)
@@ -219,7 +237,12 @@ def algorithm1(problem: Problem, cache: Cache) -> Plan:
         configs = instance_configs(problem, phase)
         if not configs:
             raise PlanError(f"no {phase} configuration of {problem.model.model} fits in memory on this cluster")
-        chosen[phase] = best([score(problem, c, phase, cache) for c in configs], problem.rate)
+        scored = [score(problem, c, phase, cache) for c in configs]
+        if problem.keep is None:
+            chosen[phase] = best(scored, problem.rate)
+        else:
+            keep = problem.keep.prefill if phase == "prefill" else problem.keep.decode
+            chosen[phase] = best(scored, problem.rate, keep, problem.keep.margin)
         _require(chosen[phase], phase)
     p, d = chosen["prefill"], chosen["decode"]
     n, m = math.ceil(problem.rate / p.goodput), math.ceil(problem.rate / d.goodput)

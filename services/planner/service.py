@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from services.planner.args import add_problem_args, cluster_from, resolve_profiles
 from services.planner.policy import Observed, Policy, WindowStats, plan_for, should_replan, window_stats
 from services.planner.report import plan_message
-from services.planner.simulator import Limits
+from services.planner.simulator import Limits, Parallel
 from shared.config import add_config_flag, add_flags, settings_from_args
 from shared.control_plane import connect_nats
 from shared.protocol import PlanMessage, PrefillRequest, Subjects, TokenBatch, WorkerInfo, decode
@@ -49,8 +50,9 @@ class Tracker:
         # subscribed (then they age out). request_id -> first, and finished, output when it finished.
         self.early: dict[str, dict[str, float]] = {}
 
-    def arrived(self, request_id: str, arrived_at: float, input_tokens: int) -> None:
-        self.pending.setdefault(request_id, {"arrived": arrived_at, "input": float(input_tokens)})
+    def arrived(self, request_id: str, arrived_at: float, input_tokens: int, max_tokens: int = 0) -> None:
+        self.pending.setdefault(request_id, {"arrived": arrived_at, "input": float(input_tokens),
+                                             "max_tokens": float(max_tokens)})
         early = self.early.pop(request_id, None)
         if early is not None:
             self.event(request_id, False, 0, early["first"])
@@ -69,7 +71,8 @@ class Tracker:
             del self.pending[request_id]
             first, n = entry["first"], max(output_tokens, 1)
             tpot = (at - first) / (n - 1) if n > 1 else float("nan")
-            self.done.append(Observed(entry["arrived"], int(entry["input"]), n, first - entry["arrived"], tpot))
+            self.done.append(Observed(entry["arrived"], int(entry["input"]), n, first - entry["arrived"], tpot,
+                                      int(entry["max_tokens"])))
 
     def requests(self, now: float) -> list[Observed]:
         while self.done and self.done[0].arrived_at < now - self.keep:
@@ -79,7 +82,8 @@ class Tracker:
             del self.pending[k]
         for k in [k for k, v in self.early.items() if v["first"] < now - self.keep]:
             del self.early[k]
-        unfinished = [Observed(v["arrived"], int(v["input"])) for v in self.pending.values()]
+        unfinished = [Observed(v["arrived"], int(v["input"]), ttft=v.get("first", math.nan) - v["arrived"],
+                               max_tokens=int(v["max_tokens"])) for v in self.pending.values()]
         return list(self.done) + unfinished
 
 
@@ -106,12 +110,16 @@ class Gauges:
         self.pp = g("pipeline_parallel", "recommended pipeline-parallel degree per phase", ("phase",))
         self.gpus = g("gpus", "GPUs the recommended plan uses")
         self.rate = g("observed_rate", "arrivals/s over the window")
+        self.demand = g("demand", "requests/s planned for: arrivals plus the backlog over one window")
+        self.backlog = g("backlog", "requests of the window still without a first token past the TTFT objective")
         self.attainment = g("observed_attainment", "SLO attainment of finished requests over the window")
         self.workers = g("workers", "workers reporting heartbeats, by role", ("role",))
         self.replans = g("replans", "plans made since start")
 
     def observe(self, stats: WindowStats, workers: dict[str, str]) -> None:
         self.rate.set(stats.rate)
+        self.demand.set(stats.demand)
+        self.backlog.set(stats.backlog)
         self.attainment.set(stats.attainment)
         for role in ("prefill", "decode", "colocated"):
             self.workers.labels(role).set(sum(1 for r in workers.values() if r == role))
@@ -142,7 +150,7 @@ class PlannerService:
             req = decode(PrefillRequest, msg.data)
         except ValidationError:
             return
-        self.tracker.arrived(req.request_id, req.arrived_at, len(req.prompt_token_ids))
+        self.tracker.arrived(req.request_id, req.arrived_at, len(req.prompt_token_ids), req.sampling.max_tokens)
 
     async def _on_tokens(self, msg: Msg) -> None:
         now = time.time()
@@ -169,7 +177,10 @@ class PlannerService:
         if reason is None:
             return None
         try:
-            plan = await asyncio.to_thread(plan_for, stats, self.policy)
+            last = self.plans[-1] if self.plans else None  # its shapes are kept where nearly as good
+            running = None if last is None else (Parallel(last.prefill.tp, last.prefill.pp),
+                                                 Parallel(last.decode.tp, last.decode.pp))
+            plan = await asyncio.to_thread(plan_for, stats, self.policy, running)
         except ValueError as e:  # PlanError included: keep serving the old plan, say why
             log.warning("replan (%s) failed: %s", reason, e)
             return None
