@@ -129,6 +129,8 @@ class GatewaySettings(_Section):
                                  "its worker dies before it ends with an error (0: never)")
     migration_wait_s: float = Field(default=1.5, ge=0, description="how long a request whose worker died waits "
                                     "for a live worker of its phase before it ends with 503")
+    rebalance_on_join: bool = Field(default=True, description="a worker that joins a phase takes its share of "
+                                    "the requests still queued on the others (those not yet started move)")
     nats_outage_s: float = Field(default=15.0, gt=0, description="requests waiting on a lost NATS connection "
                                  "end with 503 after this long")
     slo_ttft_s: float = Field(default=2.0, gt=0, description="TTFT objective for the SLO-attainment metric")

@@ -67,6 +67,11 @@ class Subjects:
         return f"{PREFIX}.workers.{instance_id}.drain"
 
     @staticmethod
+    def withdraw(instance_id: str) -> str:
+        """WithdrawRequest to one worker: give back a request that has not started, to run elsewhere."""
+        return f"{PREFIX}.workers.{instance_id}.withdraw"
+
+    @staticmethod
     def release(instance_id: str) -> str:
         """KVRelease to the prefill worker that holds a request's KV."""
         return f"{PREFIX}.prefill.{instance_id}.release"
@@ -212,6 +217,15 @@ class AbortRequest(Message):
     request_id: RequestId
     reason: str = "client disconnected"
     instance_id: str | None = None  # only this worker acts on it (a request migrated away); None: every worker
+
+
+class WithdrawRequest(Message):
+    """The gateway moves queued work onto a worker that joined: a request still waiting (nothing of it
+    computed) is given back with a `migrate` event and continues on the least-loaded worker; one already
+    started stays."""
+
+    request_id: RequestId
+    reason: str
 
 
 class TransferInfo(BaseModel):

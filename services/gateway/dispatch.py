@@ -203,10 +203,30 @@ class Dispatcher:
         if self.registry.update(info):
             if known is None:
                 log.info("worker %s (%s) joined", info.instance_id, info.role)
+                if self.settings.gateway.rebalance_on_join:
+                    self._rebalance(info)
             else:  # a new process under a known id: what the old one served is gone with it
                 self._lost(info.instance_id, "restarted", to="anywhere")
         elif info.serving is not None:
             self._reconcile(info)
+
+    def _rebalance(self, joined: p.WorkerInfo) -> None:
+        """A worker joined a phase with a queue (a scale-up under load): each of the others keeps its
+        oldest waiting requests up to an even share and is asked to give back the newest beyond it (FCFS:
+        those furthest from starting). A worker gives back only what it has not started; each request
+        given back migrates to the least-loaded worker, normally the new one."""
+        if joined.role == "decode":
+            return  # decode work arrives with its KV; nothing queues for it here
+        waiting: dict[str, list[InFlight]] = {}
+        for flight in self.inflight.values():
+            if flight.role == joined.role and flight.instance and flight.kv is None and not flight.first_token_at:
+                waiting.setdefault(flight.instance, []).append(flight)
+        workers = [i for i in self.registry.alive(joined.role) if not i.info.draining]
+        share = math.ceil(sum(map(len, waiting.values())) / max(1, len(workers)))
+        for instance, flights in waiting.items():
+            for flight in sorted(flights, key=lambda f: f.arrived)[share:]:
+                asyncio.ensure_future(self._publish(p.Subjects.withdraw(instance), p.WithdrawRequest(
+                    request_id=flight.request_id, reason=f"{joined.instance_id} joined")))
 
     def _reconcile(self, info: p.WorkerInfo) -> None:
         """Requests placed on this worker that it does not have: their message was lost (a NATS server

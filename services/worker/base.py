@@ -178,6 +178,7 @@ class Worker(ABC):
             self.spawn(role_loop)
         await self.nc.subscribe(p.Subjects.submit(self.role, self.instance_id), cb=self.on_submit)
         await self.nc.subscribe(p.Subjects.abort, cb=self._on_abort_msg)
+        await self.nc.subscribe(p.Subjects.withdraw(self.instance_id), cb=self._on_withdraw)
         await self.nc.subscribe(p.Subjects.drain(self.instance_id), cb=self._on_drain)
         self.spawn(self._step_loop())
         self.spawn(self._heartbeat_loop())
@@ -415,6 +416,21 @@ class Worker(ABC):
         except ValueError:
             log.warning("%s: malformed %s on %s dropped", self.instance_id, kind.__name__, msg.subject)
             return None
+
+    async def _on_withdraw(self, msg: Msg) -> None:
+        req = self.parse(p.WithdrawRequest, msg)
+        if req is None or self.role == "decode" or req.request_id not in self.requests:
+            return
+        self.spawn(self._withdraw(req))  # never wait for the engine in a callback
+
+    async def _withdraw(self, req: p.WithdrawRequest) -> None:
+        if not await self.engine_call(lambda e: e.withdraw(req.request_id)):
+            return  # its prefill has begun: it stays
+        tracked = self.requests.pop(req.request_id, None)
+        if tracked is not None:
+            await self.send_error(tracked.reply_to, req.request_id, f"withdrawn from {self.instance_id}: "
+                                  f"{req.reason}", 503, migrate=True)
+            self.report_soon()
 
     async def _on_abort_msg(self, msg: Msg) -> None:
         abort = self.parse(p.AbortRequest, msg)

@@ -26,7 +26,7 @@ from shared.engine.api import EngineStats, KVExport, KVView, StepOutput, StepRec
 from shared.engine.blocks import BlockManager
 from shared.engine.config import EngineConfig
 from shared.engine.scheduler import ScheduledBatch, Scheduler
-from shared.engine.sequence import Sequence
+from shared.engine.sequence import Sequence, Status
 from shared.protocol import KVMeta
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import Tokenizer
@@ -141,6 +141,17 @@ class EngineCore(ABC):
             if request_id in self._in_flight:  # its blocks are being written: free them after the step
                 self._abort_after_step.add(request_id)
                 return self.scheduler.get(request_id) is not None
+            self._work_changed()
+            return self.scheduler.abort(request_id)
+
+    def withdraw(self, request_id: str) -> bool:
+        """Give up a request that has not started (waiting, nothing of it computed), so that it can run on
+        another worker; False, and it stays, once its prefill has begun."""
+        with self.lock:
+            seq = self.scheduler.get(request_id)
+            if request_id in self._in_flight or seq is None or seq.status is not Status.WAITING \
+                    or seq.num_computed_tokens:
+                return False
             self._work_changed()
             return self.scheduler.abort(request_id)
 

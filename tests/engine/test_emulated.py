@@ -93,6 +93,19 @@ def test_an_abort_in_the_pipeline_frees_the_request_when_its_batch_lands() -> No
     assert "gone" not in e.sequences and list(e.held) == ["kept"]
 
 
+def test_only_a_request_that_has_not_started_can_be_withdrawn() -> None:
+    e = engine("prefill", max_num_batched_tokens=64)
+    e.add_request("first", [100] * 50, PARAMS)
+    e.add_request("second", [100] * 50, PARAMS)  # beyond the first batch's token budget: it waits
+    blocks = e.stats().free_blocks
+    assert [o.request_id for o in e.step()] == ["first"]
+    assert not e.withdraw("first")  # computed (its KV is held for decode)
+    assert e.withdraw("second") and "second" not in e.sequences
+    assert not e.withdraw("second") and not e.has_unfinished()
+    e.release("first")
+    assert e.stats().free_blocks == blocks
+
+
 def test_kv_moves_as_a_fraction_of_its_bytes_plus_modelled_link_time() -> None:
     prefill, decode = engine("prefill"), engine("decode")
     prompt = list(range(100, 200))

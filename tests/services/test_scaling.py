@@ -10,6 +10,7 @@ import time
 
 import httpx
 import nats
+import openai
 import redis
 
 from services.launcher import Stack
@@ -18,7 +19,7 @@ from services.planner.deployment import PlannedDeployment
 from shared import protocol as p
 from shared.config import load_settings
 from shared.servers import NatsServer, RedisServer, free_port
-from tests.services.conftest import start_stack
+from tests.services.conftest import request_states, start_stack
 from tests.services.test_migration import streams_under_way
 from tests.services.test_stack import kv_in_use, metric, wait_until
 
@@ -105,3 +106,26 @@ def plan_message(decode: int) -> p.PlanMessage:
                          prefill=p.PhaseShape(tp=1, pp=1, instances=1, gpus=1),
                          decode=p.PhaseShape(tp=1, pp=1, instances=decode, gpus=decode),
                          goodput_per_gpu=1.0, reason="a synthetic shift", observed_rate=2, at=time.time())
+
+
+async def test_a_prefill_worker_that_joins_takes_its_share_of_the_queue(redis_server: RedisServer) -> None:
+    """A burst queues on one emulated prefill worker; a second joins: the newest requests not yet started
+    move to it (withdrawn, then migrated), the rest stay, and every request completes."""
+    prompt = [100 + i % 1000 for i in range(1800)]  # one prompt per 2048-token prefill batch
+    with NatsServer() as nats_server:
+        stack = start_stack(nats_server, redis_server, engine="emulated", model="opt-13b")
+        try:
+            api = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="none", max_retries=0, timeout=120)
+            sends = [asyncio.ensure_future(api.completions.create(
+                model="opt-13b", prompt=prompt, max_tokens=2, extra_body={"ignore_eos": True})) for _ in range(30)]
+            assert await asyncio.to_thread(wait_until, lambda: metric(
+                stack, "distserve_worker_waiting_requests", instance="prefill-0", role="prefill") >= 20)
+            stack.add_worker("prefill")
+            replies = await asyncio.wait_for(asyncio.gather(*sends), 120)
+            assert all(r.choices[0].finish_reason == "length" for r in replies)
+            ours = [s for s in await request_states(stack.settings.redis_url or "") if s.get("model") == "opt-13b"]
+            moved = [s for s in ours if s["prefill_instance"] == "prefill-1"]
+            assert len(ours) == 30 and 5 <= len(moved) <= 15, len(moved)
+            assert metric(stack, "distserve_migrations_total", role="prefill") == len(moved)
+        finally:
+            stack.stop()
