@@ -93,6 +93,7 @@ class Measured:
     records: list[RequestRecord]
     gpus: list[tuple[float, int]]  # (seconds since the start, GPUs of the live workers)
     actions: int
+    moved: int  # queued prefills given back to run on a worker that joined (gateway.rebalance_on_join)
 
     @property
     def gpu_seconds(self) -> float:
@@ -111,6 +112,14 @@ def gpus_in(metrics: str) -> int:
     """GPUs of the live workers in a gateway's /metrics: tp x pp each, from distserve_worker_info."""
     return sum(int(sample.labels["tp"]) * int(sample.labels["pp"]) for family in text_string_to_metric_families(metrics)
                if family.name == "distserve_worker_info" for sample in family.samples)
+
+
+def prefills_moved(metrics: str) -> int:
+    """Requests that migrated in the prefill phase, from a gateway's /metrics (no worker dies here: each was
+    given back from a queue to run on a worker that joined)."""
+    return int(sum(sample.value for family in text_string_to_metric_families(metrics)
+                   if family.name == "distserve_migrations" for sample in family.samples
+                   if sample.name == "distserve_migrations_total" and sample.labels.get("role") == "prefill"))
 
 
 def run_one(label: str, plan: PlannedDeployment, autoscale: bool, requests: Sequence[WorkloadRequest],
@@ -152,7 +161,7 @@ def run_one(label: str, plan: PlannedDeployment, autoscale: bool, requests: Sequ
         stop.set()
         watcher.join(timeout=10)
         actions = len(stack.autoscaler.decisions) if stack.autoscaler is not None else 0
-        return Measured(label, records, gpus, actions)
+        return Measured(label, records, gpus, actions, prefills_moved(httpx.get(f"{stack.url}/metrics").text))
     finally:
         stop.set()
         stack.stop()
@@ -216,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     table = Table(title=f"{len(requests)} requests over {end:g} s, {plan.model} on emulated {plan.hardware} "
                         f"({cpu_model()})")
     for column in ("run", "attainment", *(f"phase {i + 1}" for i in range(len(args.phases))), "GPU-seconds",
-                   "scaling actions"):
+                   "scaling actions", "prefills moved"):
         table.add_column(column, justify="right")
     bounds = [sum(p.seconds for p in args.phases[:i]) for i in range(len(args.phases) + 1)]
     for run in runs:
@@ -225,12 +234,14 @@ def main(args: argparse.Namespace) -> int:
             chosen = [r for r in run.records if lo <= r.scheduled_s < hi]
             per_phase.append(f"{sum(meets_slo(r, slo) for r in chosen) / max(1, len(chosen)):.0%}")
         overall = sum(meets_slo(r, slo) for r in run.records) / len(run.records)
-        table.add_row(run.label, f"{overall:.1%}", *per_phase, f"{run.gpu_seconds:.0f}", str(run.actions))
+        table.add_row(run.label, f"{overall:.1%}", *per_phase, f"{run.gpu_seconds:.0f}", str(run.actions),
+                      str(run.moved))
     console.print(table)
     for run in runs:
         report.write_records(run.records, out / run.label)
     report.write_summary({"command": "autoscale", "phases": [vars(p) for p in args.phases], "runs": [
-        {"label": r.label, "gpu_seconds": r.gpu_seconds, "actions": r.actions, "gpus": r.gpus,
+        {"label": r.label, "gpu_seconds": r.gpu_seconds, "actions": r.actions, "prefills_moved": r.moved,
+         "gpus": r.gpus,
          "attainment_over_time": attainment_over_time(r.records, slo, end)} for r in runs]}, out)
     console.print(f"results: {out}/ (autoscale.png)")
     return 0

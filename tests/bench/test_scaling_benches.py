@@ -8,7 +8,7 @@ import os
 import pytest
 from prometheus_client import generate_latest
 
-from services.bench.autoscale import LONG_PROMPT, gpus_in, parse_phases, shifting_trace
+from services.bench.autoscale import LONG_PROMPT, gpus_in, parse_phases, prefills_moved, shifting_trace
 from services.bench.scale import cpu_shares, deployment, fixed_requests
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.registry import Registry
@@ -62,3 +62,11 @@ def test_scale_refuses_a_model_without_a_reference_profile_before_any_stack_star
     from services.cli import main
 
     assert main(["bench", "scale", "--model", "opt-7000b"]) == 2
+
+
+def test_prefills_moved_are_counted_from_the_gateways_migrations() -> None:
+    metrics = GatewayMetrics(Registry(3.0))
+    metrics.migrations.labels(role="prefill").inc(4)
+    metrics.migrations.labels(role="decode").inc(2)  # a decode migration is no queue moved
+    assert prefills_moved(generate_latest(metrics.registry).decode()) == 4
+    assert prefills_moved("") == 0
