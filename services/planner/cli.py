@@ -37,6 +37,10 @@ def register(subparsers: Any) -> None:
     plan.add_argument("--baseline-tp", type=positive_int,
                       help="colocated baseline at this TP only (default: the best); the DistServe artifact ran vLLM "
                            "at TP 1 for OPT-13B and TP 4 for OPT-66B")
+    plan.add_argument("--prefill", type=parallel_arg, help="hold the prefill instances to this TPxPP (with "
+                      "--decode): the planner sizes that placement instead of searching, e.g. to weigh the "
+                      "DistServe artifact's own placements against its choice")
+    plan.add_argument("--decode", type=parallel_arg, help="hold the decode instances to this TPxPP (with --prefill)")
     out = plan.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true")
     out.add_argument("--yaml", action="store_true")
@@ -130,18 +134,24 @@ def load_workload_lengths(name: str, max_total: int, seed: int, tokenizer: str =
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from services.planner.placement import PlanError, Problem, plan_placement
+    from services.planner.placement import PlanError, Problem, Shapes, plan_placement
     from services.planner.report import plan_json, plan_yaml, print_plan
 
     model, baseline = resolve_profiles(args)
     lengths = load_workload_lengths(args.workload, args.max_total_tokens, args.seed,
                                     workload_tokenizer(args.tokenizer, args.model))
+    if (args.prefill is None) != (args.decode is None):
+        raise ValueError("--prefill and --decode go together")
+    held = None if args.prefill is None else Shapes(args.prefill, args.decode, margin=1.0)
     problem = Problem(model, cluster_from(args), SLO(args.ttft, args.tpot, args.attainment), args.rate,
                       make_trace(lengths, args.num_requests, seed=args.seed, cv=args.cv),
-                      Limits(prefill_token_budget=args.prefill_budget))
-    algorithm = "auto" if args.algorithm == "auto" else int(args.algorithm)
+                      Limits(prefill_token_budget=args.prefill_budget), keep=held)
+    algorithm = 1 if held else "auto" if args.algorithm == "auto" else int(args.algorithm)
     try:
         plan = plan_placement(problem, algorithm, baseline, args.baseline_tp)  # type: ignore[arg-type]
+        if held and (plan.prefill.config, plan.decode.config) != (held.prefill, held.decode):
+            raise PlanError(f"prefill {held.prefill} + decode {held.decode} is not a placement here (it does not "
+                            "fit in memory on this cluster, or does not meet the SLO at any rate)")
     except PlanError as e:
         print(f"distserve plan: no plan: {e}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ def test_plan_yaml_and_table(capsys: pytest.CaptureFixture[str]) -> None:
     (["--workload", "fixed:0:5"], "fixed workload"),
     (["--profile", "/nonexistent.json"], "cannot read profile"),
     (["--workload", "chatbot", "--tokenizer", "/nonexistent"], "tokenizer model not found: '/nonexistent'"),
+    (["--prefill", "2x1"], "--prefill and --decode go together"),
 ])
 def test_bad_input_is_a_clear_error(change: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*BASE, *change]) == 2
@@ -51,3 +52,13 @@ def test_non_positive_numbers_exit_2(flag: str, value: str) -> None:
     with pytest.raises(SystemExit) as e:
         main([*BASE, flag, value])
     assert e.value.code == 2
+
+
+def test_a_held_placement_is_sized_not_searched(capsys: pytest.CaptureFixture[str]) -> None:
+    for prefill, decode in (("4x1", "1x2"), ("1x1", "2x1")):  # neither is what the search picks here
+        assert main([*BASE, "--prefill", prefill, "--decode", decode, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        assert [f"{plan[p]['tp']}x{plan[p]['pp']}" for p in ("prefill", "decode")] == [prefill, decode]
+        assert plan["attainment"] >= 0.9
+    assert main([*BASE, "--prefill", "16x1", "--decode", "1x1"]) == 1  # more GPUs than a node has
+    assert "is not a placement here" in capsys.readouterr().err
