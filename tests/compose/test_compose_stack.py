@@ -75,7 +75,11 @@ def wait_for(what: str, probe: object, timeout: float, interval: float = 1.0) ->
 
 @pytest.fixture(scope="module")
 def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A Docker engine: the one already running, else dockerd started here (as root) and stopped by PID."""
+    """A Docker engine: the one already running, else dockerd started here (as root) and stopped by PID.
+
+    One started here leaves the host's firewall alone (`--iptables=false`: no FORWARD policy of DROP, no
+    br_netfilter hook, which would cut the network-namespace tests' bridged links); published ports go
+    through docker-proxy, and containers reach each other on their own bridge."""
     if shutil.which("docker") is None or shutil.which("dockerd") is None:
         pytest.skip("no Docker engine here (`make compose-test` installs Debian's docker.io as root)")
     if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
@@ -84,8 +88,10 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("no Docker engine runs and starting dockerd needs root")
     log_path = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
+    had_bridge = Path("/sys/class/net/docker0").exists()
     with log_path.open("w") as log_file:
-        daemon = subprocess.Popen(["dockerd"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        daemon = subprocess.Popen(["dockerd", "--iptables=false", "--ip-masq=false"], stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for("dockerd", lambda: subprocess.run(["docker", "info"], capture_output=True).returncode == 0, 60)
     except TimeoutError:
@@ -96,6 +102,8 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield
     daemon.terminate()
     daemon.wait(60)
+    if not had_bridge:  # the default bridge it made outlives it
+        subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True)
 
 
 @pytest.fixture(scope="module")
