@@ -159,7 +159,27 @@ class Worker(ABC):
         self._stop.set()
 
     async def run(self) -> int:
-        """Serve until `stop()` (or a fatal error); returns the process exit code."""
+        """Serve until `stop()` (or a fatal error); returns the process exit code. A stop while it is still
+        starting (NATS not reachable yet, the model loading) ends the start: SIGTERM always works."""
+        starting = asyncio.ensure_future(self._start_serving())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a failed start raises here
+                await stopped
+            else:
+                log.warning("%s: stopped before it was ready", self.instance_id)
+                await cancel_all([starting])
+        finally:
+            stopped.cancel()
+            # A bounded shutdown, interpreter exit included: past the deadline every thread's stack goes
+            # to stderr (what hung) and the process exits with 1, so a stuck stage never keeps a worker.
+            faulthandler.dump_traceback_later(self.settings.worker.shutdown_timeout_s, exit=True)
+            await self.shutdown()
+        return self.exit_code
+
+    async def _start_serving(self) -> None:
         loop = asyncio.get_running_loop()
         lower_priority(self.engine_settings.nice)  # before the engine's threads: they inherit it
         self.engine = await asyncio.to_thread(self.build_engine)
@@ -190,14 +210,6 @@ class Worker(ABC):
                  self.instance_id, self.engine.model_name, self.engine.label, self.engine.config.tp,
                  self.engine.config.pp, self.engine.config.dtype, self.engine.config.weights,
                  self.runner.stats.total_blocks, self.engine.max_model_len)
-        try:
-            await self._stop.wait()
-        finally:
-            # A bounded shutdown, interpreter exit included: past the deadline every thread's stack goes
-            # to stderr (what hung) and the process exits with 1, so a stuck stage never keeps a worker.
-            faulthandler.dump_traceback_later(self.settings.worker.shutdown_timeout_s, exit=True)
-            await self.shutdown()
-        return self.exit_code
 
     async def shutdown(self) -> None:
         """Each stage within its own bound, named in the log when it overruns: a stuck close (a transport's,

@@ -45,8 +45,18 @@ class Deployment:
     """The services on their hosts, started from one settings file, stopped by PID."""
 
     def __init__(self, net: netns.Network, transport: str, directory: Path) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.servers: list[ServerProcess] = []
+        try:  # a start that fails stops what it started: no process outlives the test
+            self._start(net, transport, directory)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, net: netns.Network, transport: str, directory: Path) -> None:
         self.hosts = {name: net.add_host(name) for name in ("infra", "gw", "pre", "dec")}
-        self.servers = [in_namespace(NatsServer, self.hosts["infra"]), in_namespace(RedisServer, self.hosts["infra"])]
+        self.servers.append(in_namespace(NatsServer, self.hosts["infra"]))
+        self.servers.append(in_namespace(RedisServer, self.hosts["infra"]))
         self.redis_url = self.servers[1].url
         engine = {"kv_cache_memory_gib": KV_GIB, **PRECISION}
         settings = load_settings({
@@ -55,7 +65,6 @@ class Deployment:
             "gateway": {"host": self.hosts["gw"].ip, "port": 8000, "api_keys": [KEY]}})
         config = str(write_private(directory / "settings.json", settings.model_dump_json(context=REVEAL_SECRETS)))
         env = {**os.environ, "DISTSERVE_LOG_LEVEL": "WARNING", "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": netns.DEVICE}
-        self.procs: list[subprocess.Popen[bytes]] = []
         for host, args in (("pre", ["prefill", "--instance-id", "prefill-0"]),
                            ("dec", ["decode", "--instance-id", "decode-0"]), ("gw", ["gateway"])):
             transfer = ["--transfer-host", self.hosts[host].ip] if host != "gw" else []
