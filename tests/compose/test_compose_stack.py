@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,9 +31,8 @@ import httpx
 import openai
 import pytest
 
-from shared.engine import EngineConfig, LLMEngine
-from shared.sampling_params import SamplingParams
-from tests.services.test_stack import MODEL, PROMPT
+from shared.servers import free_port
+from tests.services.test_stack import MODEL, PROMPT, greedy_in_process
 from tests.services.test_tracing import PHASES, Collector
 
 pytestmark = [
@@ -127,12 +125,6 @@ def images(docker_engine: None) -> Iterator[dict[str, str]]:
             docker("rmi", "-f", *left, check=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Stack:
     url: str
@@ -220,19 +212,11 @@ def test_chat_and_completions_streamed_and_not(stack: Stack) -> None:
 
 
 def test_greedy_output_equals_the_engine_in_this_process(stack: Stack) -> None:
-    engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated", weights="fp16"))
     prompts = ["def fibonacci(n):", "Write a haiku about the sea."]
-    for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), engine.tokenizer.encode(prompt),
-                           SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
-    expected: dict[str, str] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            expected[out.request_id] = expected.get(out.request_id, "") + out.text
-    for i, prompt in enumerate(prompts):
+    for prompt, expected in zip(prompts, greedy_in_process(prompts, 16), strict=True):
         got = client(stack).completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
                                                extra_body={"ignore_eos": True})
-        assert got.choices[0].text == expected[str(i)]
+        assert got.choices[0].text == expected
 
 
 def query(stack: Stack, expr: str) -> list[dict[str, object]]:

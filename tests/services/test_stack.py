@@ -83,21 +83,26 @@ def test_streaming_chat_and_completion(stack: Stack) -> None:
     assert whole.usage.completion_tokens == 10 and whole.choices[0].finish_reason == "length"
 
 
-def test_greedy_output_matches_the_engine_in_process(stack: Stack) -> None:
+def greedy_in_process(prompts: list[str], max_tokens: int) -> list[str]:
+    """What the engine run in this process answers greedily (ignore_eos): a stack must answer the same."""
     engine = LLMEngine(EngineConfig(kv_cache_memory_gib=0.05, role="colocated", weights="fp16"))
-    prompts = [PROMPT, "def fibonacci(n):", "Write a haiku about the sea."]
     for i, prompt in enumerate(prompts):
-        engine.add_request(str(i), engine.tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0,
-                                                                                  ignore_eos=True))
-    expected: dict[str, str] = {}
+        engine.add_request(str(i), engine.tokenizer.encode(prompt),
+                           SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    texts = [""] * len(prompts)
     while engine.has_unfinished():
         for out in engine.step():
-            expected[out.request_id] = expected.get(out.request_id, "") + out.text
+            texts[int(out.request_id)] += out.text
+    return texts
+
+
+def test_greedy_output_matches_the_engine_in_process(stack: Stack) -> None:
+    prompts = [PROMPT, "def fibonacci(n):", "Write a haiku about the sea."]
     api = client(stack)
-    for i, prompt in enumerate(prompts):
+    for prompt, expected in zip(prompts, greedy_in_process(prompts, 24), strict=True):
         got = api.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
                                      extra_body={"ignore_eos": True})
-        assert got.choices[0].text == expected[str(i)]
+        assert got.choices[0].text == expected
 
 
 def test_seeded_sampling_is_reproducible(stack: Stack) -> None:
