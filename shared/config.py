@@ -86,8 +86,8 @@ class EngineSettings(_Section):
     compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
     paged_attention: bool = Field(default=True, description="decode attention by a C++ kernel over the paged "
                                   "cache (else gather + SDPA)")
-    tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree of an instance (emulated engine; the "
-                    "torch engine runs 1)")
+    tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree of an instance: the torch engine "
+                    "runs that many processes (shared/engine/tp_group.py); the emulated engine models it")
     pp: int = Field(default=1, ge=1, le=64, description="pipeline stages of an instance (emulated engine; the torch "
                     "engine runs 1)")
     pack_bf16: bool = Field(default=True, description="bfloat16 linear weights reordered once for oneDNN, where "
@@ -100,6 +100,12 @@ class EngineSettings(_Section):
         if value not in allowed:
             raise ValueError(f"{info.field_name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _compile_is_one_rank(self) -> Self:
+        if self.compile and self.tp > 1:
+            raise ValueError("compile applies to tp=1: a tensor-parallel step all-reduces between eager layers")
+        return self
 
     @model_validator(mode="after")
     def _weights_need_float32(self) -> Self:
@@ -281,9 +287,8 @@ class Settings(BaseSettings):
             raise ValueError("chunked_prefill applies to colocated workers only")
         if self.prefill.step_interval_s or self.colocated.step_interval_s:
             raise ValueError("step_interval_s applies to decode workers only (a pace would delay prefills)")
-        if self.engine == "torch" and any(self.role(r).tp * self.role(r).pp > 1 for r in get_args(Role)):
-            raise ValueError("tp and pp above 1 need the emulated engine: the torch engine runs one CPU process "
-                             "per instance (tensor parallelism on GPUs is not built yet)")
+        if self.engine == "torch" and any(self.role(r).pp > 1 for r in get_args(Role)):
+            raise ValueError("pp above 1 needs the emulated engine: the torch engine runs one pipeline stage")
         if self.engine == "emulated" and self.colocated.pp > 1:
             raise ValueError("colocated.pp: the emulated colocated baseline runs one pipeline stage (as the "
                              "simulator's)")

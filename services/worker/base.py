@@ -47,7 +47,8 @@ T = TypeVar("T")
 
 _REPORT_MIN_INTERVAL_S = 0.05  # load reports on change, at most this often
 _STEP_RECORDS_INTERVAL_S = 1.0
-_STAGE_TIMEOUT_S = 1.0  # each stage of a shutdown (`Worker.shutdown`), but the engine's: 10 s at most in all
+_STAGE_TIMEOUT_S = 1.0  # each stage of a shutdown (`Worker.shutdown`), but the engine's: 13 s at most in all
+CLOSE_WAIT_S = 3.0  # the other ranks of a tensor-parallel engine to exit
 
 
 @dataclass
@@ -219,6 +220,8 @@ class Worker(ABC):
         await self._stage("stopping tasks", cancel_all(list(self._tasks)))
         if self.runner is not None:  # the engine thread ends with its step under way
             await self._stage("stopping the engine", self.runner.stop(), STOP_WAIT_S)
+        if self.engine is not None:  # a tensor-parallel engine's other ranks
+            await self._stage("closing the engine", asyncio.to_thread(self.engine.close), CLOSE_WAIT_S)
         if self.transport is not None:
             await self._stage("closing the KV transport", self.transport.close())
         await self._stage("flushing request state", self.state.close())

@@ -111,5 +111,7 @@ class Engine(Protocol):
 
     def kv_import_abort(self, request_id: str) -> None: ...
 
+    def close(self) -> None: ...
+
     def modelled_transfer_s(self, meta: KVMeta) -> float:
         """Seconds a pull of this KV takes on top of moving its bytes here (the emulator's link model)."""

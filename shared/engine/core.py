@@ -102,6 +102,10 @@ class EngineCore(ABC):
         """Seconds a pull of this KV takes on top of moving its bytes here: 0, every byte moves for real."""
         return 0.0
 
+    def close(self) -> None:
+        """Release what the engine runs besides this process (the other ranks of a tensor-parallel one)."""
+        return None
+
     # -- requests -------------------------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

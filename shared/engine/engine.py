@@ -4,21 +4,29 @@ Everything but the compute is `EngineCore` (shared/engine/core.py): requests, sc
 bookkeeping, the KV hand-off. Here: the model runner prepares, runs and samples each step
 (`ModelRunner`), and the KV cache's tensors are what the hand-off moves. KV imported in another dtype
 than this engine's goes to a staging buffer and is converted into the blocks at commit.
+
+At tp > 1 this engine is rank 0 of the instance (shared/engine/tp_group.py): it schedules and samples,
+every rank computes its shard of each step, and the KV the hand-off moves is joined from (exported)
+or split among (imported) the ranks through a staging buffer of the whole model's layout.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shared.engine.api import KVView
 from shared.engine.config import EngineConfig
 from shared.engine.core import EngineCore
+from shared.engine.kv_cache import KVCache
 from shared.engine.model import ForwardBatch
 from shared.engine.model_runner import DTYPES, ModelRunner
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from shared.engine.tp_group import TensorParallel
 from shared.model_files import model_display_name
 from shared.protocol import KVMeta
 from shared.tokenizer import load_tokenizer
@@ -26,11 +34,17 @@ from shared.tokenizer import load_tokenizer
 
 class LLMEngine(EngineCore):
     def __init__(self, config: EngineConfig) -> None:
-        if config.tp * config.pp > 1:
-            raise ValueError(f"tp={config.tp}, pp={config.pp}: the torch engine runs one process per instance "
-                             "(tensor and pipeline parallelism on GPUs are not built yet; the emulated engine "
-                             "models them)")
-        self.runner = ModelRunner(config)
+        if config.pp > 1:
+            raise ValueError(f"pp={config.pp}: the torch engine runs one pipeline stage (the emulated engine "
+                             "models more)")
+        self.tp: TensorParallel | None = None
+        if config.tp > 1:
+            from shared.engine.tp_group import TensorParallel
+
+            self.tp = TensorParallel(config)
+            self.runner = self.tp.runner
+        else:
+            self.runner = ModelRunner(config)
         self.model, self.model_config, self.cache = self.runner.model, self.runner.model_config, self.runner.cache
         self.compiled = self.runner.compiled
         positions = self.model_config.max_position_embeddings
@@ -46,7 +60,7 @@ class LLMEngine(EngineCore):
         return self.runner.prepare(scheduled)
 
     def _compute(self, work: ForwardBatch) -> torch.Tensor:
-        return self.runner.forward(work)
+        return self.tp.forward(work) if self.tp is not None else self.runner.forward(work)
 
     def _sample(self, computed: Any, sampled: list[Sequence]) -> list[int]:
         return self.runner.sample(computed, sampled)
@@ -55,14 +69,21 @@ class LLMEngine(EngineCore):
 
     @property
     def block_nbytes(self) -> int:
-        return self.cache.block_nbytes
+        """A block of the whole model (every KV head), as the hand-off moves it at any tp."""
+        return KVCache.bytes_per_block(self.model_config, self.config.block_size, self.cache.data.dtype)
 
     @property
     def kv_dtype(self) -> str:
         return self.config.dtype
 
     def kv_views(self, block_ids: list[int]) -> list[KVView]:
+        if self.tp is not None:  # a copy, joined from every rank's heads, kept alive by the export
+            return [self.tp.gather(block_ids)]
         return list(self.runner.kv_views(block_ids))
+
+    def close(self) -> None:
+        if self.tp is not None:
+            self.tp.close()
 
     @property
     def staging(self) -> dict[str, torch.Tensor]:
@@ -73,17 +94,20 @@ class LLMEngine(EngineCore):
         source = DTYPES.get(meta.dtype)
         if source is None:
             raise ValueError(f"KV dtype {meta.dtype!r} is not one of {', '.join(DTYPES)}")
-        block_numel = self.cache.data[0].numel()
+        block_numel = self.block_nbytes // self.cache.data.element_size()
         if meta.block_size != self.config.block_size or meta.block_nbytes != block_numel * source.itemsize:
             raise ValueError("KV layout mismatch between prefill and decode (model or block size differ)")
 
     def _import_views(self, seq: Sequence, meta: KVMeta) -> list[KVView]:
         source = DTYPES[meta.dtype]
-        if source == self.cache.data.dtype:
+        if source == self.cache.data.dtype and self.tp is None:
             return self.kv_views(seq.block_table)
         seq.kv_staging = self.runner.kv_staging(meta.num_blocks, source)
         return [seq.kv_staging]
 
     def _commit_staging(self, seq: Sequence) -> None:
         assert seq.kv_staging is not None
-        self.runner.commit_staging(seq.kv_staging, seq.block_table)
+        if self.tp is not None:
+            self.tp.import_later(seq.block_table, seq.kv_staging)
+        else:
+            self.runner.commit_staging(seq.kv_staging, seq.block_table)

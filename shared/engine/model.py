@@ -7,6 +7,7 @@ linear layer is one GEMM. Only attention looks at sequence boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,11 +189,19 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(config, layer_id)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        # Tensor parallelism (shared/engine/tensor_parallel.py): attn and mlp give partial sums, which this
+        # adds up over the instance's ranks in place. None: one rank.
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
-        x += self.attn(self.input_norm(x), step, cache)  # in place: x is this forward's own buffer
-        x += self.mlp(self.post_attn_norm(x))
+        x += self._reduced(self.attn(self.input_norm(x), step, cache))  # in place: x is this forward's own
+        x += self._reduced(self.mlp(self.post_attn_norm(x)))
         return x
+
+    def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(partial)
+        return partial
 
 
 class Transformer(nn.Module):
@@ -208,6 +217,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.paged_attention = False  # set by use_paged_attention()
         self.native_layer_ops = False  # set by use_native_layer_ops()
+        self.computes_logits = True  # False on the tensor-parallel ranks other than 0: only rank 0 samples
 
     def use_native_layer_ops(self) -> None:
         """RMSNorm and RoPE of eager float32 steps by csrc/layer_ops.cpp (native.py builds it)."""
@@ -229,7 +239,9 @@ class Transformer(nn.Module):
             logits = self.decode(batch.token_ids, batch.positions, batch.slot_blocks, batch.slot_offsets,
                                  batch.decode_block_tables, batch.decode_context_lens, cache)
             # A one-token prompt chunk rides with the decodes but may need no logits.
-            return logits if len(batch.logits_indices) == len(logits) else logits[batch.logits_indices]
+            if not self.computes_logits or len(batch.logits_indices) == len(logits):
+                return logits
+            return logits[batch.logits_indices]
         x = self.embed_tokens(batch.token_ids)
         n = batch.num_decode
         step = self._step_tensors(x.dtype, batch.positions, batch.slot_blocks, batch.slot_offsets,
@@ -237,6 +249,8 @@ class Transformer(nn.Module):
                                   cache)
         for layer in self.layers:
             x = layer(x, step, cache)
+        if not self.computes_logits:
+            return x.new_empty(0)
         # Only the last token of each sequence needs logits: skip the vocab GEMM for the rest.
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
@@ -251,6 +265,8 @@ class Transformer(nn.Module):
                                   cache)
         for layer in self.layers:
             x = layer(x, step, cache)
+        if not self.computes_logits:
+            return x.new_empty(0)
         return self.lm_head(self.norm(x)).float()
 
     def _step_tensors(self, dtype: torch.dtype, positions: torch.Tensor, slot_blocks: torch.Tensor,

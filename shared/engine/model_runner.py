@@ -9,6 +9,7 @@ It also reads and writes whole requests' KV for the hand-off between engines (`k
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -22,6 +23,7 @@ from shared.engine.quant import can_pack_bf16, convert_linears_, pack_bf16_linea
 from shared.engine.sampler import sample
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
+from shared.engine.tensor_parallel import Shard, shard_config, shard_model_
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    """One rank's model and cache. At tp > 1 (shared/engine/tp_group.py) each rank has its shard of the
+    model and its heads of every KV block; every rank has the same blocks, handed out by rank 0."""
+
+    def __init__(self, config: EngineConfig, shard: Shard | None = None,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        shard = shard or Shard()
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -37,17 +44,21 @@ class ModelRunner:
         log.info("%s engine: dtype=%s, weights=%s (%s)", config.role, config.dtype, config.weights,
                  f"chosen for this {cpu_kind()} CPU" if config.precision_chosen else "as configured")
         self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed)
+        self.model_config: ModelConfig = self.model.config  # the whole model's shape, whatever this rank holds
+        if shard.world > 1:
+            assert all_reduce is not None, "a rank of a tensor-parallel instance needs its all-reduce"
+            shard_model_(self.model, shard, all_reduce)  # before converting weights: they pack plain Linears
         if config.weights != "native":
             convert_linears_(self.model, config.weights)
         elif self.dtype == torch.bfloat16 and config.pack_bf16 and can_pack_bf16():
             pack_bf16_linears_(self.model, keep_plain=config.compile)  # compiled graphs need plain weights
-        self.model_config: ModelConfig = self.model.config
 
+        # The KV budget is the instance's: sized by the whole model's blocks, so every rank has as many.
         block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, self.dtype)
         num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {block_bytes}-byte block")
-        self.cache = KVCache(self.model_config, num_blocks, config.block_size, self.dtype)
+        self.cache = KVCache(shard_config(self.model_config, shard), num_blocks, config.block_size, self.dtype)
         if config.paged_attention:
             try:
                 self.model.use_paged_attention()
@@ -118,11 +129,30 @@ class ModelRunner:
         return self.cache.views(block_ids)
 
     def kv_staging(self, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-        """A buffer for imported KV in another dtype than the cache's, converted by `commit_staging`."""
-        return torch.empty(num_blocks, *self.cache.data.shape[1:], dtype=dtype)
+        """A buffer for imported KV of the whole model (every KV head) in `dtype`: the layout the hand-off
+        moves, converted into the blocks by `commit_staging` (or, at tp > 1, by each rank its heads)."""
+        c = self.model_config
+        return torch.empty(num_blocks, c.num_layers, 2, self.config.block_size, c.num_kv_heads, c.head_dim,
+                           dtype=dtype)
 
     def commit_staging(self, staging: torch.Tensor, block_ids: list[int]) -> None:
         start = 0
         for view in self.cache.views(block_ids):  # copy_ casts straight into the blocks: no intermediate copy
             view.copy_(staging[start:start + len(view)])
             start += len(view)
+
+    # -- this rank's heads of whole blocks, for tensor parallelism (shared/engine/tp_group.py) ------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        return self.cache.data.index_select(0, torch.tensor(block_ids))
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        self.cache.data.index_copy_(0, torch.tensor(block_ids), kv.to(self.cache.data.dtype))
+
+    def blocks_buffer(self, num_blocks: int, kv_heads: int | None = None) -> torch.Tensor:
+        """Room for `num_blocks` blocks of `kv_heads` heads (this rank's by default), in the cache's dtype."""
+        shape = list(self.cache.data.shape)
+        shape[0] = num_blocks
+        if kv_heads is not None:
+            shape[-2] = kv_heads
+        return torch.empty(shape, dtype=self.cache.data.dtype)

@@ -48,8 +48,11 @@ def test_flags_override_the_plan_and_bad_plans_are_refused(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="give --plan"):
         up_settings(parse(["up", "--baseline"]))
     path.write_text(yaml.safe_dump({**plan, "profile": "measured:default"}))
-    with pytest.raises(ValueError, match="emulated engine"):  # this machine's engine runs TP1 x PP1 only
+    with pytest.raises(ValueError, match="emulated engine"):  # the torch engine runs one pipeline stage
         up_settings(parse(["up", "--plan", str(path)]))
+    path.write_text(yaml.safe_dump({**plan, "profile": "measured:default", "prefill": {"tp": 2, "instances": 1}}))
+    settings, _ = up_settings(parse(["up", "--plan", str(path)]))  # tensor parallelism: the torch engine's ranks
+    assert (settings.engine, settings.prefill.tp, settings.decode.tp) == ("torch", 2, 2)
     path.write_text(yaml.safe_dump({**plan, "baseline": {"tp": 2, "instances": 0}}))  # no baseline meets the SLO
     with pytest.raises(ValueError, match="at no rate"):
         up_settings(parse(["up", "--plan", str(path), "--baseline"]))

@@ -250,6 +250,28 @@ def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServe
             stack.stop()
 
 
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2)])
+def test_tensor_parallel_workers_answer_as_one_process_does(redis_server: RedisServer, prefill_tp: int,
+                                                            decode_tp: int) -> None:
+    """TP2 prefill -> TP1 decode and the reverse (gloo ranks, the KV over the real transport): the same greedy
+    text as one engine in this process."""
+    engine = {"kv_cache_memory_gib": KV_GIB, **PRECISION}
+    with NatsServer() as nats:
+        stack = start_stack(nats, redis_server, prefill={**engine, "tp": prefill_tp},
+                            decode={**engine, "tp": decode_tp})
+        try:
+            info = httpx.get(f"{stack.url}/metrics").text
+            for role, tp in (("prefill", prefill_tp), ("decode", decode_tp)):
+                assert re.search(f'distserve_worker_info{{[^}}]*role="{role}"[^}}]*tp="{tp}"', info), role
+            prompts = [PROMPT, "def fibonacci(n):"]
+            for prompt, expected in zip(prompts, greedy_in_process(prompts, 16), strict=True):
+                got = client(stack).completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                       extra_body={"ignore_eos": True})
+                assert got.choices[0].text == expected
+        finally:
+            stack.stop()
+
+
 @pytest.mark.skipif(len(available_cpus()) < 2, reason="pinning two workers needs two CPUs")
 def test_pinned_stack_keeps_every_process_on_its_cpus() -> None:
     """`up --pin-workers --service-cpus`: each worker alone on its CPU, the gateway and servers elsewhere."""
