@@ -44,6 +44,7 @@ DType = Literal["float32", "bfloat16"]
 # linear weights: in the engine's dtype; fp16 or int8 (torch's kernels); q8_0 or q4_1 (GGUF's blocks, our kernel)
 Weights = Literal["native", "fp16", "int8", "q8_0", "q4_1"]
 Auto = Literal["auto"]  # chosen per CPU and role where the engine starts (shared/engine/precision.py)
+Device = Literal["auto", "cpu", "cuda"]  # auto: cuda when torch sees a GPU (shared/engine/device.py)
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one NATS subject token
 
 _URL_SCHEMES = {"nats_url": (("nats", "tls", "ws", "wss"), "nats://host:port"),
@@ -86,6 +87,8 @@ class EngineSettings(_Section):
     compile: bool = Field(default=False, description="compile decode steps at start (shared/engine/compiled.py)")
     paged_attention: bool = Field(default=True, description="decode attention by a C++ kernel over the paged "
                                   "cache (else gather + SDPA)")
+    device: Device = Field(default="auto", description="where the torch engine computes: auto (cuda when torch "
+                           "sees a GPU), cpu or cuda (an error if there is none)")
     tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree of an instance: the torch engine "
                     "runs that many processes (shared/engine/tp_group.py); the emulated engine models it")
     pp: int = Field(default=1, ge=1, le=64, description="pipeline stages of an instance (emulated engine; the torch "
@@ -330,7 +333,7 @@ COMMON_FLAGS = {"--model": "model", "--engine": "engine", "--gpu": "emulation.gp
 GATEWAY_FLAGS = {"--host": "gateway.host", "--port": "gateway.port", "--max-pending": "gateway.max_pending"}
 ENGINE_FLAGS = {"--max-num-batched-tokens": "max_num_batched_tokens", "--max-num-seqs": "max_num_seqs",
                 "--kv-cache-gib": "kv_cache_memory_gib", "--threads": "num_threads", "--weights": "weights",
-                "--tp": "tp", "--pp": "pp"}
+                "--tp": "tp", "--pp": "pp", "--device": "device"}
 
 
 def add_flags(parser: argparse.ArgumentParser, table: Mapping[str, str], prefix: str = "") -> None:

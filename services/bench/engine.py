@@ -1,7 +1,8 @@
 """`distserve bench engine`: prefill and decode speed of the engine next to this machine's own limits.
 
-The limits are measured in the same run with the same threads: memory bandwidth from a large tensor
-copy (read + write bytes) and fp32 GEMM FLOP/s from a large matmul. Decode is memory-bound (its floor
+The limits are measured in the same run with the same threads, on the engine's device: memory bandwidth
+from a large tensor copy (read + write bytes) and GEMM FLOP/s from a large matmul (fp32 on a CPU, bf16
+on a GPU, where --device cuda runs the fp32 and bf16 variants: the others are CPU formats). Decode is memory-bound (its floor
 is the weight and KV bytes read per step over the bandwidth); prefill is compute-bound (its ceiling
 is the GEMM rate). Every number is the median of timed runs after warm-up runs, through
 `LLMEngine.step()`, so scheduling, sampling and detokenization are included as a server sees them.
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from shared.argtypes import names_from, positive_int, positive_ints
 from shared.engine.config import EngineConfig, Weights
+from shared.engine.device import resolve_device
 from shared.engine.engine import LLMEngine
 from shared.engine.perplexity import Score, reference_tokens, score
 from shared.engine.precision import cpu_kind, cpu_model
@@ -44,7 +46,8 @@ WEIGHTS: dict[str, Weights] = {"fp32": "native", "fp16": "fp16", "int8": "int8",
 class Machine:
     threads: int
     bandwidth_bytes_s: float  # read + write bytes of a large copy
-    gemm_flop_s: float  # fp32
+    gemm_flop_s: float  # fp32 on a CPU, bf16 on a GPU
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class DecodeResult:
 
 
 def median_time(fn: Callable[[], object], warmup: int, repeat: int) -> float:
+    """Median seconds of fn, which must not return before its work is done (a GPU's: synchronized)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -83,14 +87,24 @@ def median_time(fn: Callable[[], object], warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def measure_machine(warmup: int, repeat: int, copy_mib: int, gemm_n: int) -> Machine:
-    src = torch.rand(copy_mib * 2**20 // 4)
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], None]:
+    def run() -> None:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def measure_machine(warmup: int, repeat: int, copy_mib: int, gemm_n: int, device: str = "cpu") -> Machine:
+    src = torch.rand(copy_mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    copy_s = median_time(lambda: dst.copy_(src), warmup, repeat)
-    a, b = torch.rand(gemm_n, gemm_n), torch.rand(gemm_n, gemm_n)
-    out = torch.empty(gemm_n, gemm_n)
-    gemm_s = median_time(lambda: torch.mm(a, b, out=out), warmup, repeat)
-    return Machine(torch.get_num_threads(), 2 * src.nbytes / copy_s, 2 * gemm_n**3 / gemm_s)
+    copy_s = median_time(synchronized(lambda: dst.copy_(src), device), warmup, repeat)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.rand(gemm_n, gemm_n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(gemm_n, gemm_n, device=device, dtype=dtype)
+    gemm_s = median_time(synchronized(lambda: torch.mm(a, b, out=out), device), warmup, repeat)
+    return Machine(torch.get_num_threads(), 2 * src.nbytes / copy_s, 2 * gemm_n**3 / gemm_s, device)
 
 
 def decode_weight_bytes(engine: LLMEngine) -> int:
@@ -172,7 +186,7 @@ def engine_for(args: argparse.Namespace, variant: str, max_batch: int) -> LLMEng
                                   pack_bf16=variant != "bf16-plain",
                                   max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
                                   kv_cache_memory_gib=args.kv_gib, compile=args.compile,
-                                  paged_attention=not args.gather_attention))
+                                  paged_attention=not args.gather_attention, device=args.device))
 
 
 def quality(engine: LLMEngine, tokens: int, console: Console) -> Score | None:
@@ -211,8 +225,12 @@ def bench_variant(args: argparse.Namespace, variant: str, console: Console) -> V
 
 def machine_table(m: Machine, load_start: float) -> Table:
     load = f"{load_start:.2f} -> {os.getloadavg()[0]:.2f}"
-    table = Table(title=f"Machine: {cpu_model()} ({cpu_kind()}), {os.cpu_count()} cores, torch {torch.__version__}")
-    for name in ("threads", "load (1 min) start -> end", "copy bandwidth (R+W)", "fp32 GEMM"):
+    title = f"Machine: {cpu_model()} ({cpu_kind()}), {os.cpu_count()} cores, torch {torch.__version__}"
+    if m.device == "cuda":
+        title += f"; measured on {torch.cuda.get_device_name()}"
+    table = Table(title=title)
+    gemm = "bf16 GEMM" if m.device == "cuda" else "fp32 GEMM"
+    for name in ("threads", "load (1 min) start -> end", "copy bandwidth (R+W)", gemm):
         table.add_column(name, justify="right")
     table.add_row(str(m.threads), load, f"{m.bandwidth_bytes_s / 1e9:.3g} GB/s", f"{m.gemm_flop_s / 1e9:.3g} GFLOP/s")
     return table
@@ -273,6 +291,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gather-attention", action="store_true",
                    help="decode attention by gathering KV + SDPA, not the paged kernel (EngineConfig.paged_attention)")
     p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the engine and the limits run (default %(default)s)")
     p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")
     p.add_argument("--gemm-n", type=positive_int, default=2048, help="GEMM test size n x n x n (default 2048)")
     p.add_argument("--quality-tokens", type=int, default=512, help="score each variant's perplexity and top-1 "
@@ -289,7 +309,11 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    first = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n)
+    try:
+        first = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n, resolve_device(args.device))
+    except ValueError as e:  # cuda asked for, none here
+        log.print(f"[red]error:[/red] {e}")
+        return 2
     prefills: list[PrefillResult] = []
     decodes: list[DecodeResult] = []
     weight_bytes: dict[str, int] = {}
@@ -311,9 +335,9 @@ def main(args: argparse.Namespace) -> int:
         reference = quality(engine_for(args, "fp32", 1), args.quality_tokens, log)
         scores = {"fp32": reference, **scores} if reference else {}
     # Limits are measured before and after, and the better kept: a neighbour's burst lowers one of them.
-    last = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n)
+    last = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n, first.device)
     machine = Machine(first.threads, max(first.bandwidth_bytes_s, last.bandwidth_bytes_s),
-                      max(first.gemm_flop_s, last.gemm_flop_s))
+                      max(first.gemm_flop_s, last.gemm_flop_s), first.device)
     console.print(f"model: {args.model}" + (", decode steps compiled" if args.compile else "")
                   + (", decode attention by gather + SDPA" if args.gather_attention else ""))
     console.print(machine_table(machine, load_start))

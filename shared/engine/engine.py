@@ -19,6 +19,7 @@ import torch
 from shared.engine.api import KVView
 from shared.engine.config import EngineConfig
 from shared.engine.core import EngineCore
+from shared.engine.device import on_device
 from shared.engine.kv_cache import KVCache
 from shared.engine.model import ForwardBatch
 from shared.engine.model_runner import DTYPES, ModelRunner
@@ -34,6 +35,7 @@ from shared.tokenizer import load_tokenizer
 
 class LLMEngine(EngineCore):
     def __init__(self, config: EngineConfig) -> None:
+        config = on_device(config)  # a concrete device, and on a GPU a GPU's precision
         if config.pp > 1:
             raise ValueError(f"pp={config.pp}: the torch engine runs one pipeline stage (the emulated engine "
                              "models more)")
@@ -54,7 +56,7 @@ class LLMEngine(EngineCore):
 
     @property
     def label(self) -> str:
-        return "torch-cpu"
+        return f"torch-{self.config.device}"
 
     def _prepare(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Sequence]]:
         return self.runner.prepare(scheduled)
@@ -77,8 +79,12 @@ class LLMEngine(EngineCore):
         return self.config.dtype
 
     def kv_views(self, block_ids: list[int]) -> list[KVView]:
-        if self.tp is not None:  # a copy, joined from every rank's heads, kept alive by the export
-            return [self.tp.gather(block_ids)]
+        # At tp > 1 a copy joined from every rank's heads, kept alive by the export; on a GPU in host memory,
+        # which the transports move (UCX's CUDA transports are not used yet).
+        if self.tp is not None:
+            return [self.tp.gather(block_ids).cpu()]
+        if self.runner.device.type != "cpu":
+            return [self.runner.read_blocks(block_ids).cpu()]
         return list(self.runner.kv_views(block_ids))
 
     def close(self) -> None:
@@ -100,7 +106,7 @@ class LLMEngine(EngineCore):
 
     def _import_views(self, seq: Sequence, meta: KVMeta) -> list[KVView]:
         source = DTYPES[meta.dtype]
-        if source == self.cache.data.dtype and self.tp is None:
+        if source == self.cache.data.dtype and self.tp is None and self.runner.device.type == "cpu":
             return self.kv_views(seq.block_table)
         seq.kv_staging = self.runner.kv_staging(meta.num_blocks, source)
         return [seq.kv_staging]

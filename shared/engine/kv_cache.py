@@ -17,15 +17,16 @@ from shared.engine.config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.data = torch.zeros(num_blocks, config.num_layers, 2, block_size, config.num_kv_heads,
-                                config.head_dim, dtype=dtype)
+                                config.head_dim, dtype=dtype, device=device)
         # Index tensors for `write`, which indexes self.data itself: a compiled graph can update the cache
         # in place only if the op mutates the graph input, not a view of it.
-        self._layer_ids = [torch.tensor(layer) for layer in range(config.num_layers)]
-        self._kv_slots = torch.tensor([[0, 1]])  # [1, 2]: K and V
+        self._layer_ids = [torch.tensor(layer, device=device) for layer in range(config.num_layers)]
+        self._kv_slots = torch.tensor([[0, 1]], device=device)  # [1, 2]: K and V
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -43,6 +43,23 @@ class ForwardBatch:
     prefill_spans: list[PrefillSpan]
     logits_indices: torch.Tensor  # [num_sequences] rows of the flat batch whose logits are needed
 
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The batch on the model's device (built on the host by ModelRunner.prepare)."""
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        spans = [PrefillSpan(s.start, s.length, s.num_cached, move(s.block_table)) for s in self.prefill_spans]
+        return ForwardBatch(move(self.token_ids), move(self.positions), move(self.slot_blocks),
+                            move(self.slot_offsets), self.num_decode, move(self.decode_block_tables),
+                            move(self.decode_context_lens), spans, move(self.logits_indices))
+
+
+# q [B, H, D], cache, layer, block_tables [B, N], context_lens [B], scale -> [B, H, D]
+PagedAttention = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
 
 def native_layer_ops(enabled: bool, x: torch.Tensor) -> bool:
     """Whether an op runs in csrc/layer_ops.cpp: in eager float32 steps of a model that loaded them
@@ -101,7 +118,7 @@ class StepTensors:
     decode_block_tables: torch.Tensor  # [B, N]: B = the number of decode tokens, first in the batch
     decode_context_lens: torch.Tensor  # [B]
     decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context (gather)
-    paged: bool  # decode attention by distserve::paged_decode_attention, straight from the cache
+    paged: PagedAttention | None  # decode attention straight from the cache (else gather + SDPA)
     native: bool  # RoPE by csrc/layer_ops.cpp
     prefill_spans: list[PrefillSpan]
 
@@ -138,9 +155,9 @@ class Attention(nn.Module):
         return self.o_proj(out.view(T, c.q_size))
 
     def _decode_attention(self, q: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
-        if step.paged:
-            return torch.ops.distserve.paged_decode_attention(q, cache.data, self.layer_id, step.decode_block_tables,
-                                                              step.decode_context_lens, self.config.head_dim ** -0.5)
+        if step.paged is not None:
+            return step.paged(q, cache.data, self.layer_id, step.decode_block_tables, step.decode_context_lens,
+                              self.config.head_dim ** -0.5)
         # Query heads sharing a KV head are laid out as the "query length" axis, so grouped-query
         # attention needs no repeat of K/V: [B, KVH, G, D] x [B, KVH, S, D].
         c = self.config
@@ -162,7 +179,8 @@ class Attention(nn.Module):
             total = span.num_cached + n
             k, v = cache.gather(self.layer_id, span.block_table[None, :])
             k, v = k[0, :total], v[0, :total]
-            mask = torch.arange(total)[None, :] <= (span.num_cached + torch.arange(n))[:, None]  # [n, total]
+            keys, queries = torch.arange(total, device=q.device), torch.arange(n, device=q.device)
+            mask = keys[None, :] <= (span.num_cached + queries)[:, None]  # [n, total]
             causal = False
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
@@ -215,7 +233,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-        self.paged_attention = False  # set by use_paged_attention()
+        self.paged_attention: PagedAttention | None = None  # set by use_paged_attention()
         self.native_layer_ops = False  # set by use_native_layer_ops()
         self.computes_logits = True  # False on the tensor-parallel ranks other than 0: only rank 0 samples
 
@@ -227,10 +245,16 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.native = True
 
-    def use_paged_attention(self) -> None:
-        """Decode attention by the C++ kernel that reads the paged cache in place (native.py builds it)."""
+    def use_paged_attention(self, device: torch.device) -> None:
+        """Decode attention by a kernel that reads the paged cache in place: C++ on CPU (native.py builds it),
+        Triton on a GPU."""
+        if device.type == "cuda":
+            from shared.engine.gpu.paged_attention import paged_decode_attention
+
+            self.paged_attention = paged_decode_attention
+            return
         load_paged_attention()
-        self.paged_attention = True
+        self.paged_attention = torch.ops.distserve.paged_decode_attention
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -274,8 +298,8 @@ class Transformer(nn.Module):
                       spans: list[PrefillSpan], cache: KVCache) -> StepTensors:
         cos, sin = self.rotary.tables(positions, dtype)
         mask = None
-        if block_tables.shape[0] and not self.paged_attention:
-            keys = torch.arange(block_tables.shape[1] * cache.block_size)  # [S]
+        if block_tables.shape[0] and self.paged_attention is None:
+            keys = torch.arange(block_tables.shape[1] * cache.block_size, device=block_tables.device)  # [S]
             mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
         return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
                            self.paged_attention, self.native_layer_ops, spans)

@@ -15,6 +15,7 @@ import torch
 
 from shared.engine.compiled import CompiledDecode
 from shared.engine.config import EngineConfig, ModelConfig
+from shared.engine.device import rank_device, resolve_device
 from shared.engine.kv_cache import KVCache
 from shared.engine.loader import load_model
 from shared.engine.model import ForwardBatch, PrefillSpan, Transformer
@@ -41,8 +42,11 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.dtype = DTYPES[config.dtype]
-        log.info("%s engine: dtype=%s, weights=%s (%s)", config.role, config.dtype, config.weights,
-                 f"chosen for this {cpu_kind()} CPU" if config.precision_chosen else "as configured")
+        self.device = rank_device(resolve_device(config.device), shard.rank)
+        on_cpu = self.device.type == "cpu"
+        chosen = f"chosen for this {cpu_kind() + ' CPU' if on_cpu else 'GPU'}"
+        log.info("%s engine on %s: dtype=%s, weights=%s (%s)", config.role, self.device, config.dtype,
+                 config.weights, chosen if config.precision_chosen else "as configured")
         self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed)
         self.model_config: ModelConfig = self.model.config  # the whole model's shape, whatever this rank holds
         if shard.world > 1:
@@ -50,24 +54,27 @@ class ModelRunner:
             shard_model_(self.model, shard, all_reduce)  # before converting weights: they pack plain Linears
         if config.weights != "native":
             convert_linears_(self.model, config.weights)
-        elif self.dtype == torch.bfloat16 and config.pack_bf16 and can_pack_bf16():
+        elif on_cpu and self.dtype == torch.bfloat16 and config.pack_bf16 and can_pack_bf16():
             pack_bf16_linears_(self.model, keep_plain=config.compile)  # compiled graphs need plain weights
+        self.model.to(self.device)
 
         # The KV budget is the instance's: sized by the whole model's blocks, so every rank has as many.
         block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, self.dtype)
         num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {block_bytes}-byte block")
-        self.cache = KVCache(shard_config(self.model_config, shard), num_blocks, config.block_size, self.dtype)
+        self.cache = KVCache(shard_config(self.model_config, shard), num_blocks, config.block_size, self.dtype,
+                             self.device)
         if config.paged_attention:
             try:
-                self.model.use_paged_attention()
+                self.model.use_paged_attention(self.device)
             except (RuntimeError, OSError) as e:  # no C++ compiler here: the generic path still works
                 log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
-        try:
-            self.model.use_native_layer_ops()
-        except (RuntimeError, OSError) as e:
-            log.warning("C++ RMSNorm and RoPE unavailable, using torch's: %s", e)
+        if on_cpu:  # the C++ ops are CPU code
+            try:
+                self.model.use_native_layer_ops()
+            except (RuntimeError, OSError) as e:
+                log.warning("C++ RMSNorm and RoPE unavailable, using torch's: %s", e)
         self.compiled: CompiledDecode | None = None
         if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
             self.compiled = CompiledDecode(self.model, self.cache)
@@ -115,6 +122,7 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [sequences to sample, vocab]; writes the batch's K/V into the cache."""
+        batch = batch.to(self.device)
         if self.compiled is not None and self.compiled.covers(batch):
             return self.compiled(batch)
         return self.model(batch, self.cache)
@@ -144,10 +152,11 @@ class ModelRunner:
     # -- this rank's heads of whole blocks, for tensor parallelism (shared/engine/tp_group.py) ------------
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        return self.cache.data.index_select(0, torch.tensor(block_ids))
+        return self.cache.data.index_select(0, torch.tensor(block_ids, device=self.device))
 
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        self.cache.data.index_copy_(0, torch.tensor(block_ids), kv.to(self.cache.data.dtype))
+        self.cache.data.index_copy_(0, torch.tensor(block_ids, device=self.device),
+                                    kv.to(self.device, self.cache.data.dtype))
 
     def blocks_buffer(self, num_blocks: int, kv_heads: int | None = None) -> torch.Tensor:
         """Room for `num_blocks` blocks of `kv_heads` heads (this rank's by default), in the cache's dtype."""
@@ -155,4 +164,4 @@ class ModelRunner:
         shape[0] = num_blocks
         if kv_heads is not None:
             shape[-2] = kv_heads
-        return torch.empty(shape, dtype=self.cache.data.dtype)
+        return torch.empty(shape, dtype=self.cache.data.dtype, device=self.device)

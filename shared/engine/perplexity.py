@@ -49,7 +49,8 @@ def score(model: Transformer, tokens: list[int], kv_dtype: torch.dtype, chunk: i
     if len(tokens) < 2:
         raise ValueError("perplexity needs at least two tokens")
     blocks = -(-len(tokens) // BLOCK_SIZE)
-    cache = KVCache(model.config, blocks, BLOCK_SIZE, kv_dtype)
+    device = model.embed_tokens.weight.device
+    cache = KVCache(model.config, blocks, BLOCK_SIZE, kv_dtype, device)
     table = torch.arange(blocks)
     nll, predictions = 0.0, []
     for start in range(0, len(tokens) - 1, chunk):
@@ -62,8 +63,8 @@ def score(model: Transformer, tokens: list[int], kv_dtype: torch.dtype, chunk: i
             decode_context_lens=torch.zeros(0, dtype=torch.long), prefill_spans=[PrefillSpan(0, n, start, table)],
             logits_indices=torch.arange(n),
         )
-        logits = model(batch, cache).float()
-        targets = torch.tensor(tokens[start + 1: start + 1 + n])
+        logits = model(batch.to(device), cache).float()
+        targets = torch.tensor(tokens[start + 1: start + 1 + n], device=device)
         nll += F.cross_entropy(logits, targets, reduction="sum").item()
         predictions += logits.max(dim=-1).indices.tolist()
     return Score(math.exp(nll / (len(tokens) - 1)), predictions)

@@ -24,7 +24,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], generator: torch.Generator
         p = seq.params
         if p.greedy:
             continue
-        scores = logits[row].float() / p.temperature
+        scores = logits[row].float().cpu() / p.temperature  # on a GPU: one row to the host (CPU generators)
         if p.top_k > 0 and p.top_k < scores.shape[-1]:
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))

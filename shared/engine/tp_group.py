@@ -73,7 +73,7 @@ Command = Forward | Export | None
 class Ranks:
     """One instance's process group: gloo over loopback for commands (and tensors on CPU)."""
 
-    def __init__(self, store_path: Path, rank: int, world: int, device: torch.device) -> None:
+    def __init__(self, store_path: Path, rank: int, world: int, device: str) -> None:
         store = dist.FileStore(str(store_path), world)
         gloo: Any = dist.ProcessGroupGloo  # c10d backends: torch's type stubs lack most of their methods
         options = gloo._Options()
@@ -81,7 +81,8 @@ class Ranks:
         options._timeout = timedelta(seconds=START_TIMEOUT_S)
         self.commands: Any = gloo(dist.PrefixStore("commands", store), rank, world, options)
         self.tensors: Any = self.commands
-        if device.type == "cuda":  # not run yet: no GPU has been lent to this project's sessions
+        if device == "cuda":  # not run yet: no GPU has been lent to this project's sessions
+            torch.cuda.set_device(rank)
             nccl: Any = dist.ProcessGroupNCCL
             self.tensors = nccl(dist.PrefixStore("tensors", store), rank, world, nccl.Options())
         self.rank, self.world = rank, world
@@ -133,7 +134,7 @@ class TensorParallel:
                 self._processes.append(subprocess.Popen(
                     [sys.executable, "-m", __name__, "--rank", str(rank), "--world", str(self.world),
                      "--store", str(store)], env=env))
-            self.ranks = Ranks(store, 0, self.world, torch.device("cpu"))
+            self.ranks = Ranks(store, 0, self.world, config.device)
             self.runner = ModelRunner(config, Shard(0, self.world), self.ranks.all_reduce)
             self.ranks.serving()
         except BaseException as exc:
@@ -183,7 +184,7 @@ class TensorParallel:
 
     def _heads_of(self, whole: torch.Tensor, rank: int) -> torch.Tensor:
         heads = self._heads[rank]
-        return whole[..., heads.start:heads.stop, :].to(self.runner.cache.data.dtype)
+        return whole[..., heads.start:heads.stop, :].to(self.runner.device, self.runner.cache.data.dtype)
 
     def close(self) -> None:
         """Stop the other ranks (a step still under way after half a second: they are killed)."""
@@ -208,7 +209,7 @@ class TensorParallel:
 
 def follow(config: EngineConfig, rank: int, world: int, store: Path) -> None:
     """Serve rank 0's commands until it says stop."""
-    ranks = Ranks(store, rank, world, torch.device("cpu"))
+    ranks = Ranks(store, rank, world, config.device)
     runner = ModelRunner(config, Shard(rank, world), ranks.all_reduce)
     ranks.serving()
     log.info("tp rank %d/%d ready (pid %d)", rank, world, os.getpid())

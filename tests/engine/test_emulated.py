@@ -149,8 +149,9 @@ def test_emulated_gpu_from_the_reference_profile() -> None:
 
 def test_settings_refuse_parallelism_the_torch_engine_cannot_run() -> None:
     with pytest.raises(ValueError, match="emulated engine"):
-        load_settings({"decode": {"tp": 2}})
-    assert load_settings({"engine": "emulated", "decode": {"tp": 2}}).decode.tp == 2
+        load_settings({"decode": {"pp": 2}})
+    assert load_settings({"decode": {"tp": 2}}).decode.tp == 2  # the torch engine's ranks
+    assert load_settings({"engine": "emulated", "decode": {"tp": 2, "pp": 2}}).decode.pp == 2
 
 
 def test_the_emulated_path_never_imports_torch() -> None:

@@ -63,7 +63,7 @@ def test_kernel_rejects_bad_input() -> None:
 def generate(paged: bool, dtype: str) -> dict[str, list[int]]:
     engine = LLMEngine(EngineConfig(model=TINY, block_size=4, max_num_seqs=8, kv_cache_memory_gib=0.01,
                                     dtype=dtype, weights="native", paged_attention=paged))  # type: ignore[arg-type]
-    assert engine.model.paged_attention == paged
+    assert (engine.model.paged_attention is not None) == paged
     for i, n in enumerate([5, 19, 33, 2, 60]):
         prompt = [(11 * j + i) % 250 + 3 for j in range(n)]
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=12 + i, temperature=0, ignore_eos=True))

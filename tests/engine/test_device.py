@@ -1,0 +1,58 @@
+"""`device` auto | cpu | cuda: its resolution and errors here, and the engine on a GPU where one is lent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from shared.config import EngineSettings
+from shared.engine import EngineConfig, LLMEngine
+from shared.engine.device import on_device, resolve_device
+from tests.engine.conftest import make_engine
+from tests.engine.test_generation import PROMPTS, generate_alone
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
+
+
+@no_gpu
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    assert resolve_device("auto") == resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match="device=cuda, but torch .* sees no CUDA GPU; use device=cpu or auto"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):  # before any weight loads
+        LLMEngine(EngineConfig(device="cuda"))
+
+
+def test_bad_device_values_are_refused() -> None:
+    with pytest.raises(ValidationError, match="device"):
+        EngineSettings(device="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+def test_a_gpu_gets_a_gpu_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What runs on a GPU, decided before any CUDA call (torch.cuda.is_available stands in for a GPU here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen = on_device(EngineConfig(role="decode"))  # auto: the CPU table's choice is replaced
+    assert (chosen.device, chosen.dtype, chosen.weights) == ("cuda", "bfloat16", "native")
+    kept = on_device(EngineConfig(dtype="float32", weights="native"))
+    assert (kept.device, kept.dtype, kept.weights) == ("cuda", "float32", "native")
+    with pytest.raises(ValueError, match="weights=fp16 is a CPU format"):
+        on_device(EngineConfig(dtype="float32", weights="fp16"))
+    with pytest.raises(ValueError, match="compiled decode graphs are CPU graphs"):
+        on_device(EngineConfig(compile=True))
+    assert on_device(EngineConfig(device="cpu")).device == "cpu"
+
+
+def test_the_engine_says_where_it_computes(engine: LLMEngine) -> None:
+    assert engine.config.device == "cpu" and engine.label == "torch-cpu"
+
+
+@needs_gpu
+def test_a_gpu_engine_generates_what_the_cpu_engine_does(engine: LLMEngine) -> None:
+    gpu = make_engine(device="cuda", dtype="float32", weights="native")
+    assert gpu.cache.data.is_cuda and gpu.label == "torch-cuda"
+    for prompt in PROMPTS[:3]:
+        assert generate_alone(gpu, prompt) == generate_alone(engine, prompt), prompt
