@@ -2,9 +2,9 @@
 
 The limits are measured in the same run with the same threads, on the engine's device: memory bandwidth
 from a large tensor copy (read + write bytes) and GEMM FLOP/s from a large matmul (fp32 on a CPU, bf16
-on a GPU, where --device cuda runs the fp32 and bf16 variants: the others are CPU formats). Decode is memory-bound (its floor
-is the weight and KV bytes read per step over the bandwidth); prefill is compute-bound (its ceiling
-is the GEMM rate). Every number is the median of timed runs after warm-up runs, through
+on a GPU, where --device cuda runs the fp32 and bf16 variants: the others are CPU formats). Decode is
+memory-bound (its floor is the weight and KV bytes read per step over the bandwidth); prefill is
+compute-bound (its ceiling is the GEMM rate). Every number is the median of timed runs after warm-up runs, through
 `LLMEngine.step()`, so scheduling, sampling and detokenization are included as a server sees them.
 Each variant's quality is its perplexity on a fixed text and how often its greedy token is fp32's
 (shared/engine/perplexity.py).
