@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint clean compose-images compose-test
+.PHONY: install run test lint clean compose-images compose-test gpu-pack
 
 # torch is installed first and pinned: any other spec pulls multi-GB CUDA builds on a CPU machine.
 # The default model, the benchmark datasets and GPT-2's BPE files (OPT's tokenizer, for the planner's
@@ -39,6 +39,10 @@ compose-test: install
 compose-images: install
 	deploy/compose/offline/install-engine.sh
 	PYTHON=$(BIN)/python deploy/compose/offline/build.sh
+
+# What deploy/gpu/check.sh needs on a GPU machine without network: wheels and the tokenizer, in .gpu/.
+gpu-pack: install
+	$(BIN)/python deploy/gpu/pack.py
 
 clean:
 	rm -rf $(VENV) build

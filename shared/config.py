@@ -36,6 +36,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from shared.model_files import tokenizer_source
+
 Mode = Literal["disaggregated", "colocated"]
 EngineKind = Literal["torch", "emulated"]
 GPU = Literal["a100", "h100", "h200"]
@@ -259,9 +261,9 @@ class Settings(BaseSettings):
 
     @property
     def tokenizer_model(self) -> str:
-        """The model whose tokenizer the gateway and the engines use: an emulated or random model has none
-        of its own, and takes the default model's."""
-        return "default" if self.engine == "emulated" or self.model.startswith("random:") else self.model
+        """The model whose tokenizer the gateway and the engines use: an emulated model has none of its own,
+        and takes the default model's; a random one its spec's (shared/model_files.py)."""
+        return "default" if self.engine == "emulated" else tokenizer_source(self.model)
 
     @property
     def nats_address(self) -> str:

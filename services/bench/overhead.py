@@ -40,6 +40,7 @@ from rich.table import Table
 
 from services.launcher import Stack
 from shared.config import load_settings
+from shared.model_files import tokenizer_source
 from shared.servers import free_port
 from shared.state import Phase, connect_redis, read_request
 from shared.tokenizer import Tokenizer, load_tokenizer
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output_tokens < 2 or args.repeat < 1 or min(args.prompt_tokens) < 1:
         print("distserve bench overhead: needs --output-tokens >= 2, --repeat >= 1, prompt lengths >= 1")
         return 2
-    tokenizer = load_tokenizer("default" if args.model.startswith("random:") else args.model)
+    tokenizer = load_tokenizer(tokenizer_source(args.model))
     rng = random.Random(0)
     # +1: the first request of each length warms up. Text round trips keep the lengths close to asked.
     cases = {n: [tokenizer.decode(random_prompt(tokenizer.vocab_size, n, rng)) for _ in range(args.repeat + 1)]

@@ -28,7 +28,7 @@ from shared.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from shared.engine.tp_group import TensorParallel
-from shared.model_files import model_display_name
+from shared.model_files import model_display_name, tokenizer_source
 from shared.protocol import KVMeta
 from shared.tokenizer import load_tokenizer
 
@@ -50,7 +50,7 @@ class LLMEngine(EngineCore):
         self.model, self.model_config, self.cache = self.runner.model, self.runner.model_config, self.runner.cache
         self.compiled = self.runner.compiled
         positions = self.model_config.max_position_embeddings
-        super().__init__(config, load_tokenizer("default" if config.model.startswith("random:") else config.model),
+        super().__init__(config, load_tokenizer(tokenizer_source(config.model)),
                          model_display_name(config.model), min(config.max_model_len or positions, positions),
                          self.model_config.vocab_size, self.cache.num_blocks)
 

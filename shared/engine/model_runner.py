@@ -47,7 +47,7 @@ class ModelRunner:
         chosen = f"chosen for this {cpu_kind() + ' CPU' if on_cpu else 'GPU'}"
         log.info("%s engine on %s: dtype=%s, weights=%s (%s)", config.role, self.device, config.dtype,
                  config.weights, chosen if config.precision_chosen else "as configured")
-        self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed)
+        self.model: Transformer = load_model(config.model, dtype=self.dtype, seed=config.seed, device=self.device)
         self.model_config: ModelConfig = self.model.config  # the whole model's shape, whatever this rank holds
         if shard.world > 1:
             assert all_reduce is not None, "a rank of a tensor-parallel instance needs its all-reduce"

@@ -1,6 +1,12 @@
-"""`device` auto | cpu | cuda: its resolution and errors here, and the engine on a GPU where one is lent."""
+"""`device` auto | cpu | cuda: its resolution and errors here, and the engine on a GPU where one is lent.
+
+The GPU tests take their model from $DISTSERVE_GPU_TEST_MODEL (deploy/gpu/check.sh: random weights with
+the default tokenizer, since the GPU machine cannot carry the default model's weights), else the default.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -9,9 +15,11 @@ from pydantic import ValidationError
 from shared.config import EngineSettings
 from shared.engine import EngineConfig, LLMEngine
 from shared.engine.device import on_device, resolve_device
-from tests.engine.conftest import make_engine
-from tests.engine.test_generation import PROMPTS, generate_alone
+from shared.engine.perplexity import score
+from tests.engine.conftest import make_engine, run_to_completion
+from tests.engine.test_generation import GREEDY, PROMPTS
 
+GPU_TEST_MODEL = os.environ.get("DISTSERVE_GPU_TEST_MODEL", "default")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
 
@@ -46,13 +54,21 @@ def test_a_gpu_gets_a_gpu_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert on_device(EngineConfig(device="cpu")).device == "cpu"
 
 
-def test_the_engine_says_where_it_computes(engine: LLMEngine) -> None:
-    assert engine.config.device == "cpu" and engine.label == "torch-cpu"
+def test_the_engine_says_where_it_computes() -> None:
+    engine = make_engine(model=GPU_TEST_MODEL, device="cpu")
+    assert engine.config.device == "cpu" and engine.label == "torch-cpu" and not engine.cache.data.is_cuda
 
 
 @needs_gpu
-def test_a_gpu_engine_generates_what_the_cpu_engine_does(engine: LLMEngine) -> None:
-    gpu = make_engine(device="cuda", dtype="float32", weights="native")
-    assert gpu.cache.data.is_cuda and gpu.label == "torch-cuda"
-    for prompt in PROMPTS[:3]:
-        assert generate_alone(gpu, prompt) == generate_alone(engine, prompt), prompt
+def test_a_gpu_engine_computes_what_the_cpu_engine_does() -> None:
+    """The same weights in float32 on both: the same perplexity and next-token predictions on a text."""
+    cpu, gpu = (make_engine(model=GPU_TEST_MODEL, device=device, dtype="float32", weights="native")
+                for device in ("cpu", "cuda"))
+    assert gpu.cache.data.is_cuda and gpu.label == "torch-cuda" and gpu.model.paged_attention is not None
+    tokens = cpu.tokenizer.encode(" ".join(PROMPTS))[:96]
+    on_cpu, on_gpu = score(cpu.model, tokens, torch.float32), score(gpu.model, tokens, torch.float32)
+    assert on_gpu.perplexity == pytest.approx(on_cpu.perplexity, rel=1e-3)
+    assert on_gpu.agreement(on_cpu) >= 0.95
+    for i, prompt in enumerate(PROMPTS):  # batched decode through the Triton kernel, prefills through SDPA
+        gpu.add_request(str(i), gpu.tokenizer.encode(prompt), GREEDY)
+    assert all(len(t) == GREEDY.max_tokens for t in run_to_completion(gpu).values())

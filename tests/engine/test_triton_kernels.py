@@ -1,6 +1,7 @@
 """The Triton kernels (shared/engine/gpu/) against their torch references, under Triton's interpreter on
 CPU (small shapes: the interpreter runs each program in numpy), and the paged attention kernel against
-the engine's own decode attention paths too."""
+the engine's own decode attention paths too. With TRITON_INTERPRET=0 and a GPU (deploy/gpu/check.sh) the
+same tests run compiled on the GPU."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ import torch.nn.functional as F
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined: CPU tensors, numpy programs
 pytest.importorskip("triton")
+ON_GPU = os.environ["TRITON_INTERPRET"] == "0"
+if ON_GPU and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 compiles the kernels for a GPU: torch sees none here", allow_module_level=True)
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def on(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs, made on the CPU (seeded), on the device the kernels run on."""
+    return tuple(t.to(DEVICE) for t in tensors)
 
 from shared.engine.gpu import paged_attention, prefill_attention, rms_norm  # noqa: E402
 from shared.engine.gpu import rope as gpu_rope  # noqa: E402
@@ -32,7 +42,7 @@ def paged_case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_decode_attention_matches_the_reference(dtype: torch.dtype) -> None:
-    q, cache, tables, lens = paged_case(0, dtype)
+    q, cache, tables, lens = on(*paged_case(0, dtype))
     scale = q.shape[-1] ** -0.5
     for layer in (0, 1):
         got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens, scale)
@@ -42,12 +52,12 @@ def test_paged_decode_attention_matches_the_reference(dtype: torch.dtype) -> Non
 
 
 def test_paged_decode_attention_matches_the_engines_gather_and_sdpa_path() -> None:
-    q, cache, tables, lens = paged_case(1, torch.float32)
+    q, cache, tables, lens = on(*paged_case(1, torch.float32))
     layer, scale = 1, q.shape[-1] ** -0.5
     kv_heads, block_size = cache.shape[4], cache.shape[3]
     k = cache[tables, layer, 0].reshape(3, -1, kv_heads, q.shape[2])  # what KVCache.gather returns
     v = cache[tables, layer, 1].reshape(3, -1, kv_heads, q.shape[2])
-    mask = (torch.arange(tables.shape[1] * block_size)[None, :] < lens[:, None])[:, None, None, :]
+    mask = (torch.arange(tables.shape[1] * block_size, device=DEVICE)[None, :] < lens[:, None])[:, None, None, :]
     qg = q.view(3, kv_heads, q.shape[1] // kv_heads, q.shape[2])
     want = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).reshape(q.shape)
     got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens, scale)
@@ -55,7 +65,7 @@ def test_paged_decode_attention_matches_the_engines_gather_and_sdpa_path() -> No
 
 
 def test_paged_decode_attention_rejects_shapes_it_cannot_run() -> None:
-    q, cache, tables, lens = paged_case(2, torch.float32)
+    q, cache, tables, lens = on(*paged_case(2, torch.float32))
     with pytest.raises(ValueError, match="does not fit"):
         paged_attention.paged_decode_attention(q[:, :5], cache, 0, tables, lens, 1.0)
 
@@ -63,8 +73,9 @@ def test_paged_decode_attention_rejects_shapes_it_cannot_run() -> None:
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_torch(with_residual: bool) -> None:
     gen = torch.Generator().manual_seed(3)
-    x, weight = torch.randn(5, 40, generator=gen), torch.randn(40, generator=gen)
-    residual = torch.randn(5, 40, generator=gen) if with_residual else None
+    x, weight, extra = on(torch.randn(5, 40, generator=gen), torch.randn(40, generator=gen),
+                          torch.randn(5, 40, generator=gen))
+    residual = extra if with_residual else None
     summed = x + residual if residual is not None else x
     want = F.rms_norm(summed, (40,), weight, 1e-5)
     got = rms_norm.rms_norm(x, weight, 1e-5, residual)
@@ -79,7 +90,7 @@ def packed_prompts(seed: int) -> tuple[torch.Tensor, ...]:
     starts = torch.tensor([0, 1, 20, 53])
     q = torch.randn(53, 6, 16, generator=gen)
     kv = torch.randn(53, 2, 2, 16, generator=gen)  # K and V interleaved, as the engine's qkv split leaves them
-    return q, kv[:, 0], kv[:, 1], starts
+    return on(q, kv[:, 0], kv[:, 1], starts)
 
 
 def test_prefill_attention_over_packed_prompts_matches_the_reference_and_sdpa() -> None:
@@ -95,8 +106,8 @@ def test_prefill_attention_over_packed_prompts_matches_the_reference_and_sdpa() 
 
 def test_store_kv_writes_each_token_into_its_slot() -> None:
     _, k, v, _ = packed_prompts(5)
-    cache = torch.zeros(20, 2, 2, 4, 2, 16)
-    slots = torch.randperm(80, generator=torch.Generator().manual_seed(6))[:53]
+    cache = torch.zeros(20, 2, 2, 4, 2, 16, device=DEVICE)
+    (slots,) = on(torch.randperm(80, generator=torch.Generator().manual_seed(6))[:53])
     prefill_attention.store_kv(k, v, cache, 1, slots)
     blocks, offsets = slots // 4, slots % 4
     torch.testing.assert_close(cache[blocks, 1, 0, offsets], k)
@@ -108,8 +119,8 @@ def test_rope_matches_the_engines_apply_rope() -> None:
     from shared.engine.model import RotaryEmbedding, apply_rope_
 
     rotary = RotaryEmbedding(16, 64, 10000.0)
-    cos, sin = rotary.tables(torch.tensor([0, 3, 7, 40, 41]), torch.float32)
-    qkv = torch.randn(5, 8 + 2 * 2, 16, generator=torch.Generator().manual_seed(7))  # q 8 heads, k 2, v 2
+    cos, sin, qkv = on(*rotary.tables(torch.tensor([0, 3, 7, 40, 41]), torch.float32),
+                       torch.randn(5, 8 + 2 * 2, 16, generator=torch.Generator().manual_seed(7)))  # q 8, k 2, v 2
     heads = qkv[:, :10]  # q and k, a strided view as in the engine
     want = heads.clone()
     apply_rope_(want, cos, sin)
