@@ -186,7 +186,7 @@ def engine_for(args: argparse.Namespace, variant: str, max_batch: int) -> LLMEng
                                   pack_bf16=variant != "bf16-plain",
                                   max_num_seqs=max_batch, max_num_batched_tokens=max(args.prefill_lengths),
                                   kv_cache_memory_gib=args.kv_gib, compile=args.compile,
-                                  paged_attention=not args.gather_attention, device=args.device))
+                                  paged_attention=not args.gather_attention, device=args.device, tp=args.tp))
 
 
 def quality(engine: LLMEngine, tokens: int, console: Console) -> Score | None:
@@ -200,10 +200,18 @@ def quality(engine: LLMEngine, tokens: int, console: Console) -> Score | None:
 
 def bench_variant(args: argparse.Namespace, variant: str, console: Console) -> VariantResult:
     max_batch = max(args.decode_batches)
-    tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
     if args.compile:
         console.log(f"{variant}: compiling decode steps")
     engine = engine_for(args, variant, max_batch)
+    try:
+        return measure_variant(args, engine, variant, console)
+    finally:
+        engine.close()  # a tensor-parallel engine's other ranks
+
+
+def measure_variant(args: argparse.Namespace, engine: LLMEngine, variant: str, console: Console) -> VariantResult:
+    max_batch = max(args.decode_batches)
+    tokens_needed = max(max(args.prefill_lengths), max_batch * (args.context + args.warmup + args.decode_steps + 3))
     capacity = engine.blocks.num_blocks * engine.config.block_size
     if capacity < tokens_needed + max_batch * engine.config.block_size:
         raise ValueError(f"--kv-gib {args.kv_gib} holds {capacity} tokens; this grid needs about {tokens_needed}")
@@ -293,6 +301,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-gib", type=float, default=1.0, help="KV cache size (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the engine and the limits run (default %(default)s)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks of the engine (default 1; "
+                   "the weights column and the floor count rank 0's share)")
     p.add_argument("--copy-mib", type=positive_int, default=256, help="bandwidth test buffer (default 256)")
     p.add_argument("--gemm-n", type=positive_int, default=2048, help="GEMM test size n x n x n (default 2048)")
     p.add_argument("--quality-tokens", type=int, default=512, help="score each variant's perplexity and top-1 "
@@ -305,6 +315,9 @@ def main(args: argparse.Namespace) -> int:
     log = Console(stderr=True)
     if args.warmup < 0 or args.quality_tokens < 0 or args.quality_tokens == 1:
         log.print("[red]error:[/red] --warmup must be >= 0, --quality-tokens 0 or >= 2")
+        return 2
+    if args.tp > 1 and args.quality_tokens:  # it scores rank 0's model alone
+        log.print("[red]error:[/red] --tp above 1 needs --quality-tokens 0")
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -338,7 +351,8 @@ def main(args: argparse.Namespace) -> int:
     last = measure_machine(args.warmup, args.repeat, args.copy_mib, args.gemm_n, first.device)
     machine = Machine(first.threads, max(first.bandwidth_bytes_s, last.bandwidth_bytes_s),
                       max(first.gemm_flop_s, last.gemm_flop_s), first.device)
-    console.print(f"model: {args.model}" + (", decode steps compiled" if args.compile else "")
+    console.print(f"model: {args.model}" + (f", TP{args.tp}" if args.tp > 1 else "")
+                  + (", decode steps compiled" if args.compile else "")
                   + (", decode attention by gather + SDPA" if args.gather_attention else ""))
     console.print(machine_table(machine, load_start))
     console.print(prefill_table(prefills, machine))

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from shared.cpus import available_cpus
 from shared.engine.config import EngineConfig
 from shared.engine.model import ForwardBatch
 from shared.engine.model_runner import ModelRunner
@@ -121,6 +122,8 @@ class TensorParallel:
 
     def __init__(self, config: EngineConfig) -> None:
         self.world = config.tp
+        if config.device == "cpu" and config.num_threads is None:  # the ranks share the cores, not each all of them
+            config = config.model_copy(update={"num_threads": max(1, len(available_cpus()) // self.world)})
         self._dir = Path(tempfile.mkdtemp(prefix="distserve-tp-"))  # 0700: the store is for these ranks only
         self._processes: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()  # one command at a time, with its collectives
