@@ -25,12 +25,12 @@ from shared.engine.model import ForwardBatch
 from shared.engine.model_runner import DTYPES, ModelRunner
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from shared.engine.tp_group import TensorParallel
 from shared.model_files import model_display_name, tokenizer_source
 from shared.protocol import KVMeta
 from shared.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # imported when tp > 1: it starts processes and loads torch.distributed
+    from shared.engine.tp_group import TensorParallel
 
 
 class LLMEngine(EngineCore):

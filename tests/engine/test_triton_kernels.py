@@ -27,27 +27,28 @@ from shared.engine.gpu import paged_attention, prefill_attention, rms_norm  # no
 from shared.engine.gpu import rope as gpu_rope  # noqa: E402
 
 
-def paged_case(seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Three sequences of 1, 5 and 11 tokens in a shuffled pool of 4-token blocks, 6 query heads on 2 KV heads."""
+def paged_case(seed: int, dtype: torch.dtype, lens: tuple[int, ...] = (1, 5, 11)) -> tuple[torch.Tensor, ...]:
+    """Three sequences (1, 5 and 11 tokens by default) in a shuffled pool of 4-token blocks, at most 3 blocks
+    each, 6 query heads on 2 KV heads."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks, layers, block_size, kv_heads, head_dim = 12, 2, 4, 2, 16
     cache = torch.randn(num_blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(dtype)
-    lens = torch.tensor([1, 5, 11])
     order = torch.randperm(num_blocks, generator=gen)
     tables = torch.zeros(3, 3, dtype=torch.int64)
     tables[0, :1], tables[1, :2], tables[2, :3] = order[:1], order[1:3], order[3:6]
     q = torch.randn(3, 6, head_dim, generator=gen).to(dtype)
-    return q, cache, tables, lens
+    return q, cache, tables, torch.tensor(lens)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_paged_decode_attention_matches_the_reference(dtype: torch.dtype) -> None:
-    q, cache, tables, lens = on(*paged_case(0, dtype))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens", [(1, 5, 11), (4, 8, 12)])  # inside blocks; on block boundaries, the maximum
+def test_paged_decode_attention_matches_the_reference(dtype: torch.dtype, lens: tuple[int, ...]) -> None:
+    q, cache, tables, lens_t = on(*paged_case(0, dtype, lens))
     scale = q.shape[-1] ** -0.5
     for layer in (0, 1):
-        got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens, scale)
-        want = paged_attention.reference(q, cache, layer, tables, lens, scale)
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        got = paged_attention.paged_decode_attention(q, cache, layer, tables, lens_t, scale)
+        want = paged_attention.reference(q, cache, layer, tables, lens_t, scale)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
