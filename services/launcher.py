@@ -56,6 +56,7 @@ from shared.config import (
 )
 from shared.cpus import assign_worker_cpus, available_cpus, check_cpus, pin_process
 from shared.credentials import write_private
+from shared.gpus import assign_gpus, visible_gpus
 from shared.model_files import cache_dir
 from shared.servers import NatsServer, RedisServer, ServerProcess
 
@@ -128,8 +129,15 @@ class Child:
     cpus: list[int] | None
     proc: subprocess.Popen[bytes]
     state: Restarts
+    gpus: list[int] | None = None  # what its CUDA_VISIBLE_DEVICES shows it (shared/gpus.py); None: unchanged
     retiring_since: float | None = None  # draining to leave (`retire`): its exit is no failure
     terminated: bool = False  # it outlived the drain deadline and got SIGTERM
+
+
+def uses_gpus(settings: Settings, role: Role) -> bool:
+    """Whether the role's workers compute on CUDA: device cuda, or auto on a machine with GPUs."""
+    device = settings.role(role).device
+    return settings.engine == "torch" and (device == "cuda" or (device == "auto" and bool(visible_gpus())))
 
 
 def worker_names(settings: Settings) -> list[tuple[str, str]]:
@@ -200,6 +208,7 @@ class Stack:
                 check_cpus(s.service_cpus)
             pinned = (assign_worker_cpus([worker_threads(s, role) for role, _ in workers], available_cpus())
                       if s.pin_workers else [None] * len(workers))
+            gpus = self._worker_gpus([cast(Role, role) for role, _ in workers])
         except ValueError as exc:
             raise RuntimeError(str(exc)) from None
         updates: dict[str, str] = {}
@@ -210,8 +219,9 @@ class Stack:
         s = s.model_copy(update=updates)
         self.settings = s
         write_private(self._config, s.model_dump_json(context=REVEAL_SECRETS))  # the children's settings, secrets too
-        for (role, instance_id), cpus in zip(workers, pinned, strict=True):
-            self._spawn(instance_id, [role, "--config", str(self._config), "--instance-id", instance_id], cpus)
+        for (role, instance_id), cpus, worker_gpus in zip(workers, pinned, gpus, strict=True):
+            self._spawn(instance_id, [role, "--config", str(self._config), "--instance-id", instance_id], cpus,
+                        worker_gpus)
         self._spawn("gateway", ["gateway", "--config", str(self._config)], s.service_cpus)
         if s.autoscale.enabled:
             self._start_autoscaling(s)
@@ -252,12 +262,32 @@ class Stack:
         return out
 
     def add_worker(self, role: str, tp: int = 1, pp: int = 1) -> str:
-        """Start one more worker of `role` (with this parallelism); its instance id."""
-        taken = {c.name for c in self.children}
-        name = next(f"{role}-{i}" for i in range(len(taken) + 1) if f"{role}-{i}" not in taken)
+        """Start one more worker of `role` (with this parallelism); its instance id. RuntimeError if it
+        computes on GPUs and too few are free."""
+        gpus = None
+        if uses_gpus(self.settings, cast(Role, role)):
+            taken = [gpu for c in self.children if c.gpus is not None for gpu in c.gpus]
+            try:
+                (gpus,) = assign_gpus([tp * pp], visible_gpus(), taken)
+            except ValueError as exc:
+                raise RuntimeError(f"no {role} worker started: {exc}") from None
+        names = {c.name for c in self.children}
+        name = next(f"{role}-{i}" for i in range(len(names) + 1) if f"{role}-{i}" not in names)
         self._spawn(name, [role, "--config", str(self._config), "--instance-id", name, "--tp", str(tp),
-                           "--pp", str(pp)])
+                           "--pp", str(pp)], gpus=gpus)
         return name
+
+    def _worker_gpus(self, roles: list[Role]) -> list[list[int] | None]:
+        """Each worker's GPUs (tp each, none shared), or None for those on the CPU."""
+        on_gpu = [role for role in roles if uses_gpus(self.settings, role)]
+        if not on_gpu:
+            return [None] * len(roles)
+        visible = visible_gpus()
+        if not visible:
+            raise ValueError("device=cuda, but no NVIDIA GPU is visible here (CUDA_VISIBLE_DEVICES or the driver); "
+                             "use device=cpu or auto")
+        sets = iter(assign_gpus([self.settings.role(role).tp for role in on_gpu], visible))
+        return [next(sets) if uses_gpus(self.settings, role) else None for role in roles]
 
     def retire(self, name: str, now: float) -> None:
         """The worker is draining (whoever drains it has told it): let it leave, do not restart it; past
@@ -294,16 +324,22 @@ class Stack:
         if self.settings.service_cpus is not None and server.pid is not None:
             pin_process(server.pid, self.settings.service_cpus)
 
-    def _spawn(self, name: str, args: list[str], cpus: list[int] | None = None) -> None:
-        self.children.append(Child(name, args, cpus, self._popen(name, args, cpus), Restarts(time.monotonic())))
+    def _spawn(self, name: str, args: list[str], cpus: list[int] | None = None,
+               gpus: list[int] | None = None) -> None:
+        self.children.append(Child(name, args, cpus, self._popen(name, args, cpus, gpus), Restarts(time.monotonic()),
+                                   gpus))
 
-    def _popen(self, name: str, args: list[str], cpus: list[int] | None) -> subprocess.Popen[bytes]:
+    def _popen(self, name: str, args: list[str], cpus: list[int] | None,
+               gpus: list[int] | None = None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DISTSERVE_LOG_LEVEL": self.log_level}
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         if cpus is not None:  # before the interpreter starts any thread: later ones inherit the CPUs
             pin_process(proc.pid, cpus)
-        log.info("started %s (pid %d%s)", name, proc.pid, f", CPUs {cpus}" if cpus is not None else "")
+        log.info("started %s (pid %d%s%s)", name, proc.pid, f", CPUs {cpus}" if cpus is not None else "",
+                 f", GPUs {gpus}" if gpus is not None else "")
         return proc
 
     def dead_child(self) -> Child | None:
@@ -347,7 +383,7 @@ class Stack:
                 continue
 
             def respawn(child: Child = child) -> None:
-                child.proc = self._popen(child.name, child.args, child.cpus)
+                child.proc = self._popen(child.name, child.args, child.cpus, child.gpus)
 
             if not self._supervise_one(child.name, child.proc.pid, child.proc.poll(), child.state, respawn, now):
                 return False
