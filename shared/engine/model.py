@@ -59,6 +59,8 @@ class ForwardBatch:
 
 # q [B, H, D], cache, layer, block_tables [B, N], context_lens [B], scale -> [B, H, D]
 PagedAttention = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# q [T, H, D], k, v [T, KVH, D], starts [S + 1], scale, longest prompt -> [T, H, D]: causal, each prompt to itself
+PackedPrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
 def native_layer_ops(enabled: bool, x: torch.Tensor) -> bool:
@@ -121,6 +123,11 @@ class StepTensors:
     paged: PagedAttention | None  # decode attention straight from the cache (else gather + SDPA)
     native: bool  # RoPE by csrc/layer_ops.cpp
     prefill_spans: list[PrefillSpan]
+    # Every span a fresh prompt and a kernel for them (on a GPU): one call for all of them, over the rows from
+    # the first span on, which start at prefill_starts (relative to it; the end last); else SDPA per span.
+    packed_prefill: PackedPrefillAttention | None = None
+    prefill_starts: torch.Tensor | None = None
+    prefill_longest: int = 0
 
 
 class Attention(nn.Module):
@@ -149,9 +156,15 @@ class Attention(nn.Module):
             out = torch.empty_like(q)
             if num_decode:
                 out[:num_decode] = self._decode_attention(q[:num_decode], step, cache)
-            for span in step.prefill_spans:
-                rows = slice(span.start, span.start + span.length)
-                out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], span, cache)
+            if step.packed_prefill is not None:
+                assert step.prefill_starts is not None
+                rows = slice(step.prefill_spans[0].start, T)
+                out[rows] = step.packed_prefill(q[rows], k[rows], v[rows], step.prefill_starts, c.head_dim ** -0.5,
+                                                step.prefill_longest)
+            else:
+                for span in step.prefill_spans:
+                    rows = slice(span.start, span.start + span.length)
+                    out[rows] = self._prefill_attention(q[rows], k[rows], v[rows], span, cache)
         return self.o_proj(out.view(T, c.q_size))
 
     def _decode_attention(self, q: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
@@ -234,6 +247,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.paged_attention: PagedAttention | None = None  # set by use_paged_attention()
+        self.packed_prefill: PackedPrefillAttention | None = None  # set by use_packed_prefill()
         self.native_layer_ops = False  # set by use_native_layer_ops()
         self.computes_logits = True  # False on the tensor-parallel ranks other than 0: only rank 0 samples
 
@@ -255,6 +269,13 @@ class Transformer(nn.Module):
             return
         load_paged_attention()
         self.paged_attention = torch.ops.distserve.paged_decode_attention
+
+    def use_packed_prefill(self) -> None:
+        """Fresh prompts' attention by one Triton kernel call over all of them (on a GPU; prompts with KV
+        already cached, chunks and prefixes, keep SDPA)."""
+        from shared.engine.gpu.prefill_attention import prefill_attention
+
+        self.packed_prefill = prefill_attention
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -301,5 +322,12 @@ class Transformer(nn.Module):
         if block_tables.shape[0] and self.paged_attention is None:
             keys = torch.arange(block_tables.shape[1] * cache.block_size, device=block_tables.device)  # [S]
             mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        return StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
+        step = StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
                            self.paged_attention, self.native_layer_ops, spans)
+        if self.packed_prefill is not None and spans and all(span.num_cached == 0 for span in spans):
+            first = spans[0].start
+            ends = [span.start - first for span in spans] + [spans[-1].start + spans[-1].length - first]
+            step.packed_prefill = self.packed_prefill
+            step.prefill_starts = torch.tensor(ends, device=positions.device)
+            step.prefill_longest = max(span.length for span in spans)
+        return step

@@ -70,6 +70,8 @@ class ModelRunner:
                 self.model.use_paged_attention(self.device)
             except (RuntimeError, OSError) as e:  # no C++ compiler here: the generic path still works
                 log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
+        if not on_cpu:
+            self.model.use_packed_prefill()
         if on_cpu:  # the C++ ops are CPU code
             try:
                 self.model.use_native_layer_ops()

@@ -149,3 +149,34 @@ def test_the_engine_decodes_through_the_triton_kernel_as_through_gather_and_sdpa
     want = engine.model(batch, engine.cache)  # gather + SDPA; each call writes the same K/V
     engine.model.paged_attention = paged_attention.paged_decode_attention
     torch.testing.assert_close(engine.model(batch, engine.cache), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the engine on CPU: tests/engine/test_device.py runs it on the GPU")
+def test_the_engine_prefills_fresh_prompts_through_one_packed_kernel_call() -> None:
+    """The prefill attention the engine runs on a GPU (Transformer.use_packed_prefill): the logits of SDPA
+    per prompt, for a batch of fresh prompts and for one where they join running decodes."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.engine.test_paged_attention import TINY
+
+    engine = LLMEngine(EngineConfig(model=TINY, block_size=4, kv_cache_memory_gib=0.01, weights="native"))
+    params = SamplingParams(max_tokens=8)
+
+    def compare() -> int:
+        batch, _ = engine.runner.prepare(engine.scheduler.schedule())
+        engine.model.packed_prefill = None
+        want = engine.model(batch, engine.cache)  # SDPA per prompt; each call writes the same K/V
+        engine.model.use_packed_prefill()
+        torch.testing.assert_close(engine.model(batch, engine.cache), want, atol=1e-5, rtol=1e-5)
+        engine.model.packed_prefill = None
+        return batch.num_decode
+
+    for i, n in enumerate([2, 17, 40]):  # tiles split inside and across prompts (a 1-token one rides as a decode)
+        engine.add_request(f"r{i}", [(5 * j + i) % 250 + 3 for j in range(n)], params)
+    assert compare() == 0
+    engine = LLMEngine(EngineConfig(model=TINY, block_size=4, kv_cache_memory_gib=0.01, weights="native",
+                                    chunked_prefill=True))  # prompts join the decodes of running requests
+    engine.add_request("running", list(range(3, 12)), params)
+    engine.step()
+    for i, n in enumerate([6, 23]):
+        engine.add_request(f"new{i}", [(3 * j + i) % 250 + 3 for j in range(n)], params)
+    assert compare() == 1  # the running request's decode token first, then the two prompts

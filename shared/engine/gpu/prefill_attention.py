@@ -55,8 +55,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, starts_ptr, scale,
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
-                      scale: float, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
-    """Causal attention of each packed prompt to itself: q [T, H, D], k and v [T, KVH, D] -> [T, H, D]."""
+                      scale: float, longest: int | None = None, block_m: int = 16, block_n: int = 16) -> torch.Tensor:
+    """Causal attention of each packed prompt to itself: q [T, H, D], k and v [T, KVH, D] -> [T, H, D].
+
+    `longest`, the longest prompt, sizes the grid: given by the caller, it costs no device-to-host copy."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     if k.shape != v.shape or k.shape[0] != tokens or heads % kv_heads or k.shape[2] != head_dim:
@@ -66,7 +68,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts:
     if k.stride() != v.stride() or q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError("k and v need the same layout, and every head_dim must be contiguous")
     out = torch.empty_like(q)
-    longest = int((starts[1:] - starts[:-1]).max()) if len(starts) > 1 else 0
+    if longest is None:
+        longest = int((starts[1:] - starts[:-1]).max()) if len(starts) > 1 else 0
     grid = (triton.cdiv(longest, block_m), len(starts) - 1, heads)
     _prefill_kernel[grid](q, k, v, out, starts, scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           out.stride(0), out.stride(1), G=heads // kv_heads, D=head_dim, BLOCK_M=block_m,
