@@ -135,17 +135,9 @@ def test_rope_matches_the_engines_apply_rope() -> None:
 def test_the_engine_decodes_through_the_triton_kernel_as_through_gather_and_sdpa() -> None:
     """The decode attention the engine runs on a GPU (Transformer.use_paged_attention), in the engine's own
     decode step on CPU under the interpreter: the logits of gather + SDPA."""
-    from shared.engine import EngineConfig, LLMEngine, SamplingParams
-    from tests.engine.test_paged_attention import TINY
+    from tests.engine.test_paged_attention import decode_step
 
-    engine = LLMEngine(EngineConfig(model=TINY, block_size=4, kv_cache_memory_gib=0.01, weights="native",
-                                    paged_attention=False))
-    for i, n in enumerate([3, 9, 17]):  # contexts inside a block, across blocks, many blocks
-        engine.add_request(f"r{i}", [(7 * j + i) % 250 + 3 for j in range(n)], SamplingParams(max_tokens=8))
-    while engine.stats().num_waiting:
-        engine.step()
-    batch, _ = engine.runner.prepare(engine.scheduler.schedule())  # a decode step of all three
-    assert batch.num_decode == 3 and not batch.prefill_spans
+    engine, batch = decode_step()
     want = engine.model(batch, engine.cache)  # gather + SDPA; each call writes the same K/V
     engine.model.paged_attention = paged_attention.paged_decode_attention
     torch.testing.assert_close(engine.model(batch, engine.cache), want, atol=1e-5, rtol=1e-5)
