@@ -64,6 +64,7 @@ def test_a_gpu_engine_computes_what_the_cpu_engine_does() -> None:
     """The same weights in float32 on both: the same perplexity and next-token predictions on a text."""
     cpu, gpu = (make_engine(model=GPU_TEST_MODEL, device=device, dtype="float32", weights="native")
                 for device in ("cpu", "cuda"))
+    gpu.model.load_state_dict(cpu.model.state_dict())  # random weights are drawn on each device: the CPU's
     assert gpu.cache.data.is_cuda and gpu.label == "torch-cuda" and gpu.model.paged_attention is not None
     tokens = cpu.tokenizer.encode(" ".join(PROMPTS))[:96]
     on_cpu, on_gpu = score(cpu.model, tokens, torch.float32), score(gpu.model, tokens, torch.float32)
