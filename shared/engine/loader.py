@@ -34,6 +34,8 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, seed: int = 0,
             with torch.device("meta"):
                 net = Transformer(config)
             net = net.to_empty(device=device)
+            if config.tie_word_embeddings:  # to_empty gave each module a parameter of its own
+                net.lm_head.weight = net.embed_tokens.weight
             net.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta).to(device)
             _init_random(net, torch.Generator(device).manual_seed(seed))
             return net.to(dtype).eval()
