@@ -7,6 +7,7 @@ linear layer is one GEMM. Only attention looks at sequence boundaries.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -275,7 +276,9 @@ class Transformer(nn.Module):
         already cached, chunks and prefixes, keep SDPA)."""
         from shared.engine.gpu.prefill_attention import prefill_attention
 
-        self.packed_prefill = prefill_attention
+        # 64 x 64 tiles: what flash-attention kernels use at head_dim 64-128 (the tests' default is 16 x 16,
+        # for the interpreter); not yet tuned on a GPU.
+        self.packed_prefill = functools.partial(prefill_attention, block_m=64, block_n=64)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:

@@ -162,7 +162,7 @@ def test_the_engine_prefills_fresh_prompts_through_one_packed_kernel_call() -> N
         engine.model.packed_prefill = None
         return batch.num_decode
 
-    for i, n in enumerate([2, 17, 40]):  # tiles split inside and across prompts (a 1-token one rides as a decode)
+    for i, n in enumerate([2, 17, 70]):  # 70: two of the engine's 64-row tiles (a 1-token prompt rides as a decode)
         engine.add_request(f"r{i}", [(5 * j + i) % 250 + 3 for j in range(n)], params)
     assert compare() == 0
     engine = LLMEngine(EngineConfig(model=TINY, block_size=4, kv_cache_memory_gib=0.01, weights="native",
