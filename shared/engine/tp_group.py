@@ -130,6 +130,7 @@ class TensorParallel:
         self._pending_lock = threading.Lock()
         self._pending: list[tuple[list[int], torch.Tensor]] = []  # imported KV, written with the next forward
         self.ranks: Ranks | None = None
+        self._serving = False  # every rank started: from here on they take commands
         try:
             store = self._dir / "store"
             env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
@@ -140,8 +141,11 @@ class TensorParallel:
             self.ranks = Ranks(store, 0, self.world, config.device)
             self.runner = ModelRunner(config, Shard(0, self.world), self.ranks.all_reduce)
             self.ranks.serving()
+            self._serving = True
         except BaseException as exc:
             self.close()
+            if isinstance(exc, ValueError):  # the configuration (a model that cannot split tp ways): as it is
+                raise
             exits = [p.returncode for p in self._processes]
             raise RuntimeError(f"tp={self.world}: the ranks did not start (exit codes of ranks 1..: {exits}): "
                                f"{exc}") from exc
@@ -190,8 +194,9 @@ class TensorParallel:
         return whole[..., heads.start:heads.stop, :].to(self.runner.device, self.runner.cache.data.dtype)
 
     def close(self) -> None:
-        """Stop the other ranks (a step still under way after half a second: they are killed)."""
-        if self.ranks is not None and self._lock.acquire(timeout=0.5):
+        """Stop the other ranks (a step still under way after half a second, or a start that failed: they
+        are killed)."""
+        if self._serving and self.ranks is not None and self._lock.acquire(timeout=0.5):
             try:
                 self.ranks.broadcast(None)
             except RuntimeError as exc:  # a rank is gone already

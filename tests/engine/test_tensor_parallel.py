@@ -53,6 +53,8 @@ def test_tp_beyond_the_kv_heads_is_refused() -> None:
     config = load_model("random:smollm2-135m").config
     with pytest.raises(ValueError, match="tp=4 exceeds the model's 3 KV heads"):
         check_shardable(config, 4)
+    with pytest.raises(ValueError, match="tp=4 exceeds the model's 3 KV heads"):  # the ranks it started: killed
+        make_engine(tp=4)
     with pytest.raises(ValueError, match="compile applies to tp=1"):
         EngineSettings(tp=2, compile=True)
 
