@@ -82,10 +82,9 @@ class LLMEngine(EngineCore):
         # At tp > 1 a copy joined from every rank's heads, kept alive by the export; on a GPU in host memory,
         # which the transports move (UCX's CUDA transports are not used yet).
         if self.tp is not None:
-            return [self.tp.gather(block_ids).cpu()]
-        if self.runner.device.type != "cpu":
-            return [self.runner.read_blocks(block_ids).cpu()]
-        return list(self.runner.kv_views(block_ids))
+            return [self.tp.gather(block_ids)]
+        views = self.runner.kv_views(block_ids)
+        return [view.cpu() for view in views] if self.runner.device.type != "cpu" else list(views)
 
     def close(self) -> None:
         if self.tp is not None:

@@ -172,16 +172,22 @@ class TensorParallel:
             return self.runner.forward(batch)
 
     def gather(self, block_ids: list[int]) -> torch.Tensor:
-        """The blocks' KV with every head, [blocks, layers, 2, block_size, kv_heads, head_dim]."""
+        """The blocks' KV with every head, [blocks, layers, 2, block_size, kv_heads, head_dim], in host memory
+        (what the transports move): rank 0's heads copied straight from its cache, the others' as received."""
         assert self.ranks is not None
         with self._lock:
             self.ranks.broadcast(Export(block_ids))
-            parts = [self.runner.read_blocks(block_ids)]
+            whole = self.runner.kv_staging(len(block_ids), self.runner.cache.data.dtype)
+            heads, start = self._heads[0], 0
+            for view in self.runner.kv_views(block_ids):  # one view per run of consecutive blocks
+                whole[start:start + len(view), ..., heads.start:heads.stop, :].copy_(view)
+                start += len(view)
             for rank in range(1, self.world):
                 part = self.runner.blocks_buffer(len(block_ids), len(self._heads[rank]))
                 self.ranks.recv(part, rank)
-                parts.append(part)
-            return torch.cat(parts, dim=-2)
+                heads = self._heads[rank]
+                whole[..., heads.start:heads.stop, :].copy_(part)
+            return whole
 
     def import_later(self, block_ids: list[int], whole: torch.Tensor) -> None:
         """Write imported KV (every head, any dtype) into the blocks before the next forward pass reads
