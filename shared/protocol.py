@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from shared.config import Role
 from shared.sampling_params import SamplingParams
@@ -178,6 +178,9 @@ class KVMeta(BaseModel):
     output_text: str | None  # text generated so far (None: decode it from output_token_ids) and how much
     num_emitted_chars: int  # of it was already streamed
     dtype: str = "float32"  # of the exported KV; an importer in another dtype converts it (EngineConfig.dtype)
+    # KV heads of each source, in head order, when a tensor-parallel instance offers the KV one rank per
+    # source (shared/transfer/heads.py); empty: one source offers every head
+    shard_heads: list[int] = Field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +198,7 @@ class KVHandle(BaseModel):
     transfer_id: str
     nbytes: int
     meta: KVMeta
+    shard_addresses: list[str] = Field(default_factory=list)  # sources 1.. of meta.shard_heads (0 is `address`)
 
 
 class DecodeRequest(Message):

@@ -148,6 +148,9 @@ class Worker(ABC):
 
     def build_engine(self) -> Engine:
         config = EngineConfig.of(self.engine_settings, self.settings.model, self.role)
+        if self.hands_off_kv:  # a tensor-parallel engine's other ranks move their heads on transports of their own
+            config = config.model_copy(update={"kv_transport": self.settings.worker.transport,
+                                               "kv_transfer_host": self.settings.worker.transfer_host})
         if self.settings.engine == "emulated":  # no torch in this process
             from services.worker.emulation import emulated_engine
 

@@ -10,7 +10,8 @@ Prefill side, `KVSender`
     (status HELD).
  2. `offer` puts the views on the transport under the request id and returns the `KVHandle` that
     rides on the first token to the gateway, which forwards it to the decode worker it picks
-    (a DecodeRequest).
+    (a DecodeRequest). A tensor-parallel engine's other ranks offered their heads themselves, each on
+    its own transport (shared/engine/tp_handoff.py); the handle says where (`shard_addresses`).
  3. The blocks are freed (`free`) by exactly one of: the decode worker's KVRelease (it has the
     bytes, or gave up on them), an abort of the request, or the lease (`worker.kv_lease_s`: whoever
     should have pulled them is gone).
@@ -21,7 +22,9 @@ Decode side, `KVReceiver`
  5. The head of the queue is reserved (`kv_import_begin`) once the engine has room for it; nothing
     behind it starts first.
  6. Its bytes are pulled over the transport straight into the reserved blocks (the emulated engine
-    moves a fraction of them and waits the modelled link time of the rest).
+    moves a fraction of them and waits the modelled link time of the rest). Between tensor-parallel
+    instances, each decode rank pulls the KV heads it owns from each prefill rank that has some
+    (shared/transfer/heads.py): rank 0 here, the others on their own transports (`kv_import_ranks`).
  7. Pulled: `kv_import_commit` (it joins the decode batch), then KVRelease(pulled=True). Failed (peer
     gone, timeout, size mismatch): the failure policy `worker.kv_failure_policy` decides. `recompute`
     prefills the request here into the reserved blocks (the same continuation: a seeded sample
@@ -54,12 +57,14 @@ from typing import Any, Literal, Protocol, TypeVar
 from shared import protocol as p
 from shared.config import WorkerSettings
 from shared.engine import Engine, KVExport, KVMeta, StepOutput
-from shared.engine.api import KVView
+from shared.engine.api import KVImport
 from shared.transfer import KVTransport, TransferError, TransferStats
+from shared.transfer.heads import pull_heads
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+RANKS_GRACE_S = 5.0  # a tensor-parallel engine's other ranks report their pulls within their timeout and this
 
 
 class WorkerPort(Protocol):
@@ -102,7 +107,7 @@ class KVSender:
         self.held[request_id] = time.monotonic()
         return p.KVHandle(prefill_instance=self.worker.instance_id, transport=self.transport.name,
                           address=self.transport.address, transfer_id=request_id, nbytes=export.nbytes,
-                          meta=export.meta)
+                          meta=export.meta, shard_addresses=export.shard_addresses)
 
     def holds(self, request_id: str) -> bool:
         return request_id in self.held
@@ -196,30 +201,30 @@ class KVReceiver:
             while self.queue:
                 metas = [self.incoming[rid].meta for rid in self.queue if rid in self.incoming]
                 begun = await self.worker.engine_call(functools.partial(_reserve, metas=metas))
-                for request_id, views in begun:
+                for request_id, dest in begun:
                     self.queue.remove(request_id)
                     incoming = self.incoming.get(request_id)
-                    if isinstance(views, Exception):
+                    if isinstance(dest, Exception):
                         if incoming is not None:
                             await self._settle(incoming, Arrival(request_id, "failed", 0.0, time.time(),
-                                                                 error=str(views), status=400))
+                                                                 error=str(dest), status=400))
                     elif incoming is None:  # aborted while its blocks were being reserved
                         self._drop(request_id)
                     elif incoming.request.recompute:
                         self.worker.spawn(self._recompute(incoming, time.time(), "migrated mid-decode"))
                     else:
                         incoming.pulling = True
-                        self.worker.spawn(self._pull(incoming, views))
+                        self.worker.spawn(self._pull(incoming, dest))
                 self.queue = deque(rid for rid in self.queue if rid in self.incoming)
                 if len(begun) < len(metas):
                     break  # the head does not fit yet: wait for room
 
-    async def _pull(self, incoming: _Incoming, views: list[KVView]) -> None:
+    async def _pull(self, incoming: _Incoming, dest: KVImport) -> None:
         """Steps 6 and 7."""
-        kv, request_id = incoming.request.kv, incoming.request.request_id
+        request_id = incoming.request.request_id
         started = time.time()
         try:
-            stats = await self.transport.pull(kv.address, kv.transfer_id, views, self.settings.pull_timeout_s)
+            stats = await self._pull_heads(incoming.request.kv, dest)
         except TransferError as exc:
             await self._failed(incoming, started, exc)
             return
@@ -234,6 +239,26 @@ class KVReceiver:
             self._drop(request_id)
             return
         await self._settle(incoming, Arrival(request_id, "pulled", started, time.time(), stats=stats))
+
+    async def _pull_heads(self, kv: p.KVHandle, dest: KVImport) -> TransferStats:
+        """The heads `dest` holds (all of them at tp 1) over the worker's transport; at tp > 1 the engine's
+        other ranks pull theirs at the same time, each on its own transport."""
+        timeout = self.settings.pull_timeout_s
+        started = time.perf_counter()
+        others = await self.worker.engine_call(methodcaller("kv_import_ranks", kv, timeout))
+        if others is None:
+            return await pull_heads(self.transport, kv, dest, timeout)
+        results: tuple[TransferStats | BaseException, int | BaseException] = await asyncio.gather(
+            pull_heads(self.transport, kv, dest, timeout),
+            asyncio.wait_for(asyncio.wrap_future(others), timeout + RANKS_GRACE_S), return_exceptions=True)
+        own, theirs = results
+        for result in results:
+            if isinstance(result, TimeoutError):
+                raise TransferError(f"the engine's other ranks did not pull {kv.transfer_id!r} within {timeout} s")
+            if isinstance(result, BaseException):
+                raise result
+        assert isinstance(own, TransferStats) and isinstance(theirs, int)
+        return TransferStats(own.nbytes + theirs, time.perf_counter() - started, own.transport)
 
     async def _failed(self, incoming: _Incoming, started: float, exc: TransferError) -> None:
         request_id, policy = incoming.request.request_id, self.settings.kv_failure_policy
@@ -281,7 +306,7 @@ class KVReceiver:
         self._room.set()
 
 
-Reserved = tuple[str, list[KVView] | Exception]
+Reserved = tuple[str, KVImport | Exception]
 
 
 def _reserve(engine: Engine, metas: list[KVMeta]) -> list[Reserved]:
@@ -291,11 +316,11 @@ def _reserve(engine: Engine, metas: list[KVMeta]) -> list[Reserved]:
     begun: list[Reserved] = []
     for meta in metas:
         try:
-            views = engine.kv_import_begin(meta)
+            dest = engine.kv_import_begin(meta)
         except ValueError as exc:
             begun.append((meta.request_id, exc))
             continue
-        if views is None:
+        if dest is None:
             break
-        begun.append((meta.request_id, views))
+        begun.append((meta.request_id, dest))
     return begun

@@ -8,10 +8,11 @@ profile). The services import only this module, so a worker of the emulated engi
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from shared.protocol import KVMeta
+from shared.protocol import KVHandle, KVMeta
 from shared.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -62,11 +63,39 @@ class StepRecord:
 @dataclass(frozen=True)
 class KVExport:
     meta: KVMeta
-    views: list[KVView]  # contiguous, in token order; together meta.nbytes bytes
+    views: list[KVView]  # contiguous, in token order: the bytes of the first source of meta.shard_heads (all of them if
+    # there is one), which the worker offers on its transport
+    shard_addresses: list[str] = field(default_factory=list)  # where the others wait, offered by the engine's ranks
 
     @property
     def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self.views)
+        """The bytes a pull moves: the views', or every source's (a tensor-parallel instance's)."""
+        return self.meta.nbytes if self.shard_addresses else sum(int(v.nbytes) for v in self.views)
+
+
+@dataclass(frozen=True)
+class HeadShare:
+    """The KV heads a set of KV views holds: [start, stop) of the model's `total`, `head_bytes` each per row
+    (a row: one block, layer, K or V and slot). A tensor-parallel rank holds its own share."""
+
+    start: int
+    stop: int
+    total: int
+    head_bytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.stop - self.start) * self.head_bytes
+
+
+@dataclass(frozen=True)
+class KVImport:
+    """Where an imported request's KV goes (`Engine.kv_import_begin`): `views` take the heads `heads` names,
+    pulled from each source that has some of them (shared/transfer/heads.py). `heads` None: the views take
+    one source's whole byte stream (the emulated engine, whose KV bytes are a stand-in)."""
+
+    views: list[KVView]
+    heads: HeadShare | None = None
 
 
 class Engine(Protocol):
@@ -99,7 +128,11 @@ class Engine(Protocol):
 
     def kv_export(self, request_id: str) -> KVExport: ...
 
-    def kv_import_begin(self, meta: KVMeta) -> list[KVView] | None: ...
+    def kv_import_begin(self, meta: KVMeta) -> KVImport | None: ...
+
+    def kv_import_ranks(self, kv: KVHandle, timeout: float) -> Future[int] | None:
+        """At tp > 1, ranks 1.. pull their own heads of the request's KV (after `kv_import_begin`); the future
+        is their bytes once all have them, or a TransferError. None: this engine has no other ranks."""
 
     def kv_import_commit(self, request_id: str) -> None: ...
 

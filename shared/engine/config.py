@@ -61,6 +61,10 @@ class EngineConfig(EngineSettings):
     dtype: DType = "float32"
     weights: Weights = "fp16"
     precision_chosen: bool = False  # whether dtype or weights came from shared/engine/precision.py's table
+    # The KV transport of a worker that hands KV off (its worker.transport and worker.transfer_host): at tp > 1
+    # ranks 1.. offer and pull their own KV heads on one of their own. None: no hand-off (colocated, in process).
+    kv_transport: str | None = None
+    kv_transfer_host: str = "127.0.0.1"
 
     @model_validator(mode="before")
     @classmethod

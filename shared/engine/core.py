@@ -20,14 +20,15 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
-from shared.engine.api import EngineStats, KVExport, KVView, StepOutput, StepRecord
+from shared.engine.api import EngineStats, KVExport, KVImport, KVView, StepOutput, StepRecord
 from shared.engine.blocks import BlockManager
 from shared.engine.config import EngineConfig
 from shared.engine.scheduler import ScheduledBatch, Scheduler
 from shared.engine.sequence import Sequence, Status
-from shared.protocol import KVMeta
+from shared.protocol import KVHandle, KVMeta
 from shared.sampling_params import SamplingParams
 from shared.tokenizer import Tokenizer
 
@@ -84,9 +85,10 @@ class EngineCore(ABC):
     def kv_views(self, block_ids: list[int]) -> list[KVView]:
         """The blocks' bytes as contiguous views, in token order."""
 
-    def _import_views(self, seq: Sequence, meta: KVMeta) -> list[KVView]:
-        """Where an import's bytes go (its blocks; a staging buffer when the dtypes differ)."""
-        return self.kv_views(seq.block_table)
+    def _import_target(self, seq: Sequence, meta: KVMeta) -> KVImport:
+        """Where an import's bytes go: here its blocks, as one byte stream (an engine whose KV has heads says
+        which it holds, and may stage them)."""
+        return KVImport(self.kv_views(seq.block_table))
 
     def _check_import(self, meta: KVMeta) -> None:
         """Raise ValueError if KV of this layout cannot be imported here."""
@@ -95,7 +97,7 @@ class EngineCore(ABC):
             raise ValueError("KV layout mismatch between prefill and decode (model, dtype or block size differ)")
 
     def _commit_staging(self, seq: Sequence) -> None:
-        """An import through a staging buffer (`_import_views` made one): its bytes into the blocks."""
+        """An import through a staging buffer (`_import_target` made one): its bytes into the blocks."""
         raise NotImplementedError(f"{type(self).__name__} imports KV without staging")
 
     def modelled_transfer_s(self, meta: KVMeta) -> float:
@@ -259,8 +261,8 @@ class EngineCore(ABC):
             # One block of headroom so the request can decode its next token right away.
             return self.blocks.can_allocate(self.blocks.blocks_needed(num_kv_tokens + 1))
 
-    def kv_import_begin(self, meta: KVMeta) -> list[KVView] | None:
-        """Reserve blocks for an incoming request; the views its KV bytes go to, or None if no room."""
+    def kv_import_begin(self, meta: KVMeta) -> KVImport | None:
+        """Reserve blocks for an incoming request; where its KV bytes go, or None if no room."""
         self._check_import(meta)
         self.validate(meta.prompt_token_ids, meta.params)
         with self.lock:
@@ -274,7 +276,11 @@ class EngineCore(ABC):
                 seq.text = meta.output_text
             seq.num_emitted_chars = min(meta.num_emitted_chars, len(seq.text))
             self.scheduler.begin_import(seq, meta.num_blocks, meta.num_kv_tokens)
-            return self._import_views(seq, meta)
+            return self._import_target(seq, meta)
+
+    def kv_import_ranks(self, kv: KVHandle, timeout: float) -> Future[int] | None:
+        """No other ranks here: the worker's pull fills everything `kv_import_begin` gave."""
+        return None
 
     def kv_import_commit(self, request_id: str) -> None:
         with self.lock:

@@ -6,17 +6,18 @@ bookkeeping, the KV hand-off. Here: the model runner prepares, runs and samples 
 than this engine's goes to a staging buffer and is converted into the blocks at commit.
 
 At tp > 1 this engine is rank 0 of the instance (shared/engine/tp_group.py): it schedules and samples,
-every rank computes its shard of each step, and the KV the hand-off moves is joined from (exported)
-or split among (imported) the ranks through a staging buffer of the whole model's layout.
+every rank computes its shard of each step, and each rank moves its own heads of the KV the hand-off
+moves: rank 0 through its worker's transport, the others through theirs (shared/engine/tp_handoff.py).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shared.engine.api import KVView
+from shared.engine.api import KVExport, KVImport, KVView
 from shared.engine.config import EngineConfig
 from shared.engine.core import EngineCore
 from shared.engine.device import on_device
@@ -26,7 +27,7 @@ from shared.engine.model_runner import DTYPES, ModelRunner
 from shared.engine.scheduler import ScheduledBatch
 from shared.engine.sequence import Sequence
 from shared.model_files import model_display_name, tokenizer_source
-from shared.protocol import KVMeta
+from shared.protocol import KVHandle, KVMeta
 from shared.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:  # imported when tp > 1: it starts processes and loads torch.distributed
@@ -79,12 +80,44 @@ class LLMEngine(EngineCore):
         return self.config.dtype
 
     def kv_views(self, block_ids: list[int]) -> list[KVView]:
-        # At tp > 1 a copy joined from every rank's heads, kept alive by the export; on a GPU in host memory,
-        # which the transports move (UCX's CUDA transports are not used yet).
-        if self.tp is not None:
-            return [self.tp.gather(block_ids)]
+        # This rank's heads (every head at tp 1); on a GPU a copy in host memory, which the transports move
+        # (UCX's CUDA transports are not used yet).
         views = self.runner.kv_views(block_ids)
-        return [view.cpu() for view in views] if self.runner.device.type != "cpu" else list(views)
+        return list(views) if self.runner.device.type == "cpu" else [view.cpu() for view in views]
+
+    def kv_export(self, request_id: str) -> KVExport:
+        """At tp > 1 the views are rank 0's heads; the other ranks offer theirs, on their own transports."""
+        with self.lock:
+            export = super().kv_export(request_id)
+            if self.tp is None:
+                return export
+            addresses = self.tp.offer(request_id, self.scheduler.held[request_id].block_table)
+            return KVExport(export.meta.model_copy(update={"shard_heads": self.tp.head_counts}), export.views,
+                            addresses)
+
+    def kv_import_ranks(self, kv: KVHandle, timeout: float) -> Future[int] | None:
+        return self.tp.pull(kv, timeout) if self.tp is not None else None
+
+    # A request leaving in any way: the other ranks forget what they hold of its KV (an offer, pulled heads).
+    def abort(self, request_id: str) -> bool:
+        if self.tp is not None:
+            self.tp.forget(request_id)
+        return super().abort(request_id)
+
+    def release(self, request_id: str) -> None:
+        if self.tp is not None:
+            self.tp.forget(request_id)
+        super().release(request_id)
+
+    def kv_import_recompute(self, request_id: str) -> None:
+        if self.tp is not None:
+            self.tp.forget(request_id)
+        super().kv_import_recompute(request_id)
+
+    def kv_import_abort(self, request_id: str) -> None:
+        if self.tp is not None:
+            self.tp.forget(request_id)
+        super().kv_import_abort(request_id)
 
     def close(self) -> None:
         if self.tp is not None:
@@ -103,16 +136,19 @@ class LLMEngine(EngineCore):
         if meta.block_size != self.config.block_size or meta.block_nbytes != block_numel * source.itemsize:
             raise ValueError("KV layout mismatch between prefill and decode (model or block size differ)")
 
-    def _import_views(self, seq: Sequence, meta: KVMeta) -> list[KVView]:
+    def _import_target(self, seq: Sequence, meta: KVMeta) -> KVImport:
+        """This rank's heads (every head at tp 1): straight into the blocks where they are host memory of the
+        same dtype, else into a staging buffer that the commit converts."""
         source = DTYPES[meta.dtype]
+        heads = self.runner.kv_heads(source)
         if source == self.cache.data.dtype and self.tp is None and self.runner.device.type == "cpu":
-            return self.kv_views(seq.block_table)
+            return KVImport(self.kv_views(seq.block_table), heads)
         seq.kv_staging = self.runner.kv_staging(meta.num_blocks, source)
-        return [seq.kv_staging]
+        return KVImport([seq.kv_staging], heads)
 
     def _commit_staging(self, seq: Sequence) -> None:
         assert seq.kv_staging is not None
         if self.tp is not None:
-            self.tp.import_later(seq.block_table, seq.kv_staging)
+            self.tp.import_later(seq.request_id, seq.block_table, seq.kv_staging)
         else:
             self.runner.commit_staging(seq.kv_staging, seq.block_table)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from shared.engine.api import HeadShare
 from shared.engine.compiled import CompiledDecode
 from shared.engine.config import EngineConfig, ModelConfig
 from shared.engine.device import rank_device, resolve_device
@@ -38,6 +39,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, shard: Shard | None = None,
                  all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
         shard = shard or Shard()
+        self.shard = shard
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -138,32 +140,21 @@ class ModelRunner:
         """The blocks' bytes as contiguous views, in token order (one per run of consecutive ids)."""
         return self.cache.views(block_ids)
 
-    def kv_staging(self, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-        """A buffer for imported KV of the whole model (every KV head) in `dtype`: the layout the hand-off
-        moves, converted into the blocks by `commit_staging` (or, at tp > 1, by each rank its heads)."""
+    def kv_heads(self, dtype: torch.dtype) -> HeadShare:
+        """The KV heads this rank's blocks hold (all of them at tp 1), as KV of `dtype` carries them."""
         c = self.model_config
-        return torch.empty(num_blocks, c.num_layers, 2, self.config.block_size, c.num_kv_heads, c.head_dim,
-                           dtype=dtype)
+        heads = self.shard.part(c.num_kv_heads)
+        return HeadShare(heads.start, heads.stop, c.num_kv_heads, c.head_dim * dtype.itemsize)
+
+    def kv_staging(self, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer for imported KV of this rank's heads in `dtype` (the layout the hand-off moves),
+        converted into the blocks by `commit_staging`."""
+        c = self.model_config
+        heads = len(self.shard.part(c.num_kv_heads))
+        return torch.empty(num_blocks, c.num_layers, 2, self.config.block_size, heads, c.head_dim, dtype=dtype)
 
     def commit_staging(self, staging: torch.Tensor, block_ids: list[int]) -> None:
         start = 0
         for view in self.cache.views(block_ids):  # copy_ casts straight into the blocks: no intermediate copy
             view.copy_(staging[start:start + len(view)])
             start += len(view)
-
-    # -- this rank's heads of whole blocks, for tensor parallelism (shared/engine/tp_group.py) ------------
-
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        return self.cache.data.index_select(0, torch.tensor(block_ids, device=self.device))
-
-    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        self.cache.data.index_copy_(0, torch.tensor(block_ids, device=self.device),
-                                    kv.to(self.device, self.cache.data.dtype))
-
-    def blocks_buffer(self, num_blocks: int, kv_heads: int | None = None) -> torch.Tensor:
-        """Room for `num_blocks` blocks of `kv_heads` heads (this rank's by default), in the cache's dtype."""
-        shape = list(self.cache.data.shape)
-        shape[0] = num_blocks
-        if kv_heads is not None:
-            shape[-2] = kv_heads
-        return torch.empty(shape, dtype=self.cache.data.dtype, device=self.device)

@@ -1,30 +1,35 @@
 """The processes of a tensor-parallel instance, and what rank 0 tells the others each step.
 
-Rank 0 is the engine its worker drives: the only rank on the control plane and on the KV transport.
-It starts ranks 1..tp-1 as child processes (`python -m shared.engine.tp_group`), each with the same
-engine configuration and its own shard of the model (shared/engine/tensor_parallel.py). From then on
-the other ranks only follow commands that rank 0 broadcasts, one at a time:
+Rank 0 is the engine its worker drives: the only rank on the control plane. It starts ranks 1..tp-1 as
+child processes (`python -m shared.engine.tp_group`), each with the same engine configuration and its own
+shard of the model (shared/engine/tensor_parallel.py). From then on the other ranks only follow commands
+that rank 0 broadcasts, one at a time:
 
-- `Forward(batch, imports)`: first write the KV of newly imported requests (rank 0 sends each rank its
-  heads of them), then run this rank's shard of the forward pass; the all-reduces inside it pair the
-  ranks up. Only rank 0 computes logits and samples.
-- `Export(block_ids)`: send this rank's heads of those blocks to rank 0, which joins them.
+- `Forward(batch, imports)`: first write the KV of newly imported requests into their blocks (each rank its
+  own heads, pulled before), then run this rank's shard of the forward pass; the all-reduces inside it pair
+  the ranks up. Only rank 0 computes logits and samples.
+- `Offer(request_id, block_ids)`: offer this rank's heads of a prefilled request's KV on its transport.
+- `Pull(kv, timeout)`: pull this rank's heads of an imported request's KV, from every prefill rank that has
+  some (shared/transfer/heads.py), into a buffer of its own; report when done.
+- `Forget(request_id)`: withdraw the offer, or drop the pulled heads, of a request that ended otherwise.
 - `None`: exit.
 
-The KV hand-off therefore always moves the whole model's layout (every KV head of each block), made
-by rank 0: a TP2 prefill instance feeds a TP1 decode instance, and the reverse, with no change to the
-transport or to the other side. The price is a copy through rank 0's memory at each end. On GPUs,
-where each rank would pull its own heads over NVLink, this is the part to replace.
+So the KV hand-off moves no head through another rank: each rank of a prefill instance offers its heads on
+a transport of its own (shared/engine/tp_handoff.py; rank 0 on its worker's), and each rank of a decode
+instance pulls the heads it owns, whatever the tp of either side. Ranks report finished pulls to rank 0 on
+a pipe each (one JSON line per pull).
 
 The ranks meet through a FileStore in a private directory and talk over gloo bound to 127.0.0.1 (on CPU;
-NCCL carries the tensors on GPUs, gloo still the commands). Nothing listens beyond loopback. A rank
-whose parent dies exits (`_exit_with_parent`); rank 0 sees a dead rank as a failed collective, which
-fails its step and stops the worker, whose supervisor restarts it whole.
+NCCL carries the tensors on GPUs, gloo still the commands). Nothing listens beyond loopback but the KV
+transports, which bind the worker's transfer host. A rank whose parent dies exits (`_exit_with_parent`);
+rank 0 sees a dead rank as a failed collective, which fails its step and stops the worker, whose supervisor
+restarts it whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -35,7 +40,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,9 @@ from shared.engine.config import EngineConfig
 from shared.engine.model import ForwardBatch
 from shared.engine.model_runner import ModelRunner
 from shared.engine.tensor_parallel import Shard
+from shared.engine.tp_handoff import RankHandoff, report_to
+from shared.protocol import KVHandle
+from shared.transfer import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +64,33 @@ CONFIG_ENV = "DISTSERVE_TP_ENGINE_CONFIG"  # the engine's configuration, as JSON
 START_TIMEOUT_S = 300.0  # every rank joined and loaded its shard (a cold start builds the C++ ops)
 SERVE_TIMEOUT = timedelta(days=365)  # a rank waits for its next command as long as rank 0 lives
 STOP_WAIT_S = 2.0  # the other ranks to exit once told (then they are killed)
+ADDRESS_KEY = "kv-address/"  # + rank: where that rank's KV transport listens, in the store
 
 
 @dataclass(frozen=True)
 class Forward:
     batch: ForwardBatch
-    imports: list[list[int]]  # block ids of each imported request whose KV is written first
+    imports: list[tuple[str, list[int]]]  # (request id, block ids) of imported KV each rank writes first
 
 
 @dataclass(frozen=True)
-class Export:
+class Offer:
+    request_id: str
     block_ids: list[int]
 
 
-Command = Forward | Export | None
+@dataclass(frozen=True)
+class Pull:
+    kv: KVHandle
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Forget:
+    request_id: str
+
+
+Command = Forward | Offer | Pull | Forget | None
 
 
 class Ranks:
@@ -76,6 +98,7 @@ class Ranks:
 
     def __init__(self, store_path: Path, rank: int, world: int, device: str) -> None:
         store = dist.FileStore(str(store_path), world)
+        self.store = store  # the ranks' KV transport addresses, set before `serving`
         gloo: Any = dist.ProcessGroupGloo  # c10d backends: torch's type stubs lack most of their methods
         options = gloo._Options()
         options._devices = [gloo.create_device(hostname="127.0.0.1")]
@@ -96,11 +119,8 @@ class Ranks:
     def all_reduce(self, tensor: torch.Tensor) -> None:
         self.tensors.allreduce([tensor]).wait()
 
-    def send(self, tensor: torch.Tensor, rank: int) -> None:
-        self.tensors.send([tensor.contiguous()], rank, 0).wait()
-
-    def recv(self, tensor: torch.Tensor, rank: int) -> None:
-        self.tensors.recv([tensor], rank, 0).wait()
+    def barrier(self) -> None:
+        self.commands.barrier().wait()
 
     def broadcast(self, command: Command) -> None:
         """Rank 0: send every other rank its next command (pickled: a batch is tensors and small lists)."""
@@ -118,7 +138,7 @@ class Ranks:
 
 
 class TensorParallel:
-    """Rank 0's side: starts the other ranks, then runs each forward pass and KV copy with them."""
+    """Rank 0's side: starts the other ranks, then runs each forward pass and KV hand-off with them."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.world = config.tp
@@ -128,20 +148,36 @@ class TensorParallel:
         self._processes: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()  # one command at a time, with its collectives
         self._pending_lock = threading.Lock()
-        self._pending: list[tuple[list[int], torch.Tensor]] = []  # imported KV, written with the next forward
+        self._pending: list[tuple[str, list[int], torch.Tensor]] = []  # imported KV, written with the next forward
+        self._kv_lock = threading.Lock()  # for the two below: engine calls, the step and the report readers use them
+        self._pulls: dict[str, _Pulling] = {}  # request id -> the ranks' pulls under way
+        self._shared: set[str] = set()  # requests the other ranks hold KV of (offered, or pulled and not written)
         self.ranks: Ranks | None = None
+        self.addresses: list[str] = []  # ranks 1..'s KV transports
         self._serving = False  # every rank started: from here on they take commands
         try:
             store = self._dir / "store"
             env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
             for rank in range(1, self.world):
-                self._processes.append(subprocess.Popen(
-                    [sys.executable, "-m", __name__, "--rank", str(rank), "--world", str(self.world),
-                     "--store", str(store)], env=env))
+                report, write_end = os.pipe()
+                try:
+                    self._processes.append(subprocess.Popen(
+                        [sys.executable, "-m", __name__, "--rank", str(rank), "--world", str(self.world),
+                         "--store", str(store), "--report-fd", str(write_end)], env=env, pass_fds=(write_end,)))
+                except BaseException:
+                    os.close(report)
+                    raise
+                finally:
+                    os.close(write_end)
+                threading.Thread(target=self._read_reports, args=(rank, report), daemon=True,
+                                 name=f"tp-rank-{rank}-reports").start()
             self.ranks = Ranks(store, 0, self.world, config.device)
             self.runner = ModelRunner(config, Shard(0, self.world), self.ranks.all_reduce)
             self.ranks.serving()
             self._serving = True
+            if config.kv_transport is not None:
+                rank_store = self.ranks.store
+                self.addresses = [rank_store.get(f"{ADDRESS_KEY}{rank}").decode() for rank in range(1, self.world)]
         except BaseException as exc:
             self.close()
             if isinstance(exc, ValueError):  # the configuration (a model that cannot split tp ways): as it is
@@ -149,14 +185,24 @@ class TensorParallel:
             exits = [p.returncode for p in self._processes]
             raise RuntimeError(f"tp={self.world}: the ranks did not start (exit codes of ranks 1..: {exits}): "
                                f"{exc}") from exc
-        model = self.runner.model_config
-        self._heads = [Shard(rank, self.world).part(model.num_kv_heads) for rank in range(self.world)]
+        heads = self.head_counts
         log.info("tensor parallelism: %d ranks (pids %s), KV heads per rank %s", self.world,
-                 [os.getpid(), *(p.pid for p in self._processes)], [len(h) for h in self._heads])
+                 [os.getpid(), *(p.pid for p in self._processes)], heads)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]
+
+    @property
+    def head_counts(self) -> list[int]:
+        """KV heads of each rank, in order (KVMeta.shard_heads)."""
+        total = self.runner.model_config.num_kv_heads
+        return [len(Shard(rank, self.world).part(total)) for rank in range(self.world)]
+
+    def _command(self, command: Command) -> None:
+        assert self.ranks is not None
+        with self._lock:
+            self.ranks.broadcast(command)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits, as ModelRunner.forward gives them, computed by every rank together."""
@@ -164,40 +210,74 @@ class TensorParallel:
         with self._lock:
             with self._pending_lock:
                 imports, self._pending = self._pending, []
-            self.ranks.broadcast(Forward(batch, [block_ids for block_ids, _ in imports]))
-            for block_ids, whole in imports:
-                for rank in range(1, self.world):
-                    self.ranks.send(self._heads_of(whole, rank), rank)
-                self.runner.write_blocks(block_ids, self._heads_of(whole, 0))
+            self.ranks.broadcast(Forward(batch, [(request_id, block_ids) for request_id, block_ids, _ in imports]))
+            for _, block_ids, heads in imports:
+                self.runner.commit_staging(heads, block_ids)
             return self.runner.forward(batch)
 
-    def gather(self, block_ids: list[int]) -> torch.Tensor:
-        """The blocks' KV with every head, [blocks, layers, 2, block_size, kv_heads, head_dim], in host memory
-        (what the transports move): rank 0's heads copied straight from its cache, the others' as received."""
+    # -- the KV hand-off ----------------------------------------------------------------------------------
+
+    def offer(self, request_id: str, block_ids: list[int]) -> list[str]:
+        """Ranks 1.. offer their heads of these blocks under the request id; where (their transports).
+        Returns once every rank has: a puller may come right after."""
+        if not self.addresses:
+            raise RuntimeError("this tensor-parallel engine has no KV transport (EngineConfig.kv_transport): "
+                               "its ranks cannot offer KV")
         assert self.ranks is not None
         with self._lock:
-            self.ranks.broadcast(Export(block_ids))
-            whole = self.runner.kv_staging(len(block_ids), self.runner.cache.data.dtype)
-            heads, start = self._heads[0], 0
-            for view in self.runner.kv_views(block_ids):  # one view per run of consecutive blocks
-                whole[start:start + len(view), ..., heads.start:heads.stop, :].copy_(view)
-                start += len(view)
-            for rank in range(1, self.world):
-                part = self.runner.blocks_buffer(len(block_ids), len(self._heads[rank]))
-                self.ranks.recv(part, rank)
-                heads = self._heads[rank]
-                whole[..., heads.start:heads.stop, :].copy_(part)
-            return whole
+            self.ranks.broadcast(Offer(request_id, list(block_ids)))
+            self.ranks.barrier()
+        with self._kv_lock:
+            self._shared.add(request_id)
+        return self.addresses
 
-    def import_later(self, block_ids: list[int], whole: torch.Tensor) -> None:
-        """Write imported KV (every head, any dtype) into the blocks before the next forward pass reads
-        them: the request joins a batch only after this, and the ranks may be busy with a step now."""
+    def pull(self, kv: KVHandle, timeout: float) -> Future[int]:
+        """Ranks 1.. pull their heads of an imported request's KV; the future is their bytes once every rank
+        has them, or a TransferError."""
+        if not self.addresses:
+            raise RuntimeError("this tensor-parallel engine has no KV transport (EngineConfig.kv_transport): "
+                               "its ranks cannot pull KV")
+        pulling = _Pulling(set(range(1, self.world)))
+        with self._kv_lock:
+            self._pulls[kv.transfer_id] = pulling
+            self._shared.add(kv.transfer_id)
+        self._command(Pull(kv, timeout))
+        return pulling.future
+
+    def import_later(self, request_id: str, block_ids: list[int], heads: torch.Tensor) -> None:
+        """Write an imported request's KV into its blocks (rank 0 `heads`, the others what they pulled) before
+        the next forward pass reads them: the request joins a batch only after this, and the ranks may be busy
+        with a step now."""
+        with self._kv_lock:
+            self._shared.discard(request_id)  # the forward command's imports take what they pulled
         with self._pending_lock:
-            self._pending.append((list(block_ids), whole))
+            self._pending.append((request_id, list(block_ids), heads))
 
-    def _heads_of(self, whole: torch.Tensor, rank: int) -> torch.Tensor:
-        heads = self._heads[rank]
-        return whole[..., heads.start:heads.stop, :].to(self.runner.device, self.runner.cache.data.dtype)
+    def forget(self, request_id: str) -> None:
+        """The request's KV is no longer wanted here: ranks 1.. withdraw its offer or drop its pulled heads."""
+        with self._kv_lock:
+            pulling = self._pulls.pop(request_id, None)
+            shared = request_id in self._shared
+            self._shared.discard(request_id)
+        if pulling is not None:
+            pulling.fail("the import was dropped")
+        if shared:
+            self._command(Forget(request_id))
+
+    def _read_reports(self, rank: int, fd: int) -> None:
+        """Rank `rank`'s finished pulls, one JSON line each, until it exits."""
+        with os.fdopen(fd, "rb") as lines:
+            for line in lines:
+                report = json.loads(line)
+                with self._kv_lock:
+                    pulling = self._pulls.get(report["request_id"])
+                    done = pulling is not None and pulling.reported(rank, report["nbytes"], report["error"])
+                    if done:
+                        del self._pulls[report["request_id"]]
+        with self._kv_lock:
+            gone, self._pulls = list(self._pulls.values()), {}
+        for pulling in gone:
+            pulling.fail(f"tp rank {rank} exited")
 
     def close(self) -> None:
         """Stop the other ranks (a step still under way after half a second, or a start that failed: they
@@ -219,23 +299,59 @@ class TensorParallel:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+@dataclass
+class _Pulling:
+    """Ranks 1..'s pulls of one request, as their reports come in."""
+
+    waiting: set[int]
+    future: Future[int] = field(default_factory=Future)
+    nbytes: int = 0
+
+    def reported(self, rank: int, nbytes: int, error: str | None) -> bool:
+        """Count one rank's report; whether the pull is settled now."""
+        if error is not None:
+            self.fail(f"tp rank {rank}: {error}")
+            return True
+        self.waiting.discard(rank)
+        self.nbytes += nbytes
+        if not self.waiting and not self.future.done():  # done: cancelled by whoever waited
+            self.future.set_result(self.nbytes)
+        return not self.waiting
+
+    def fail(self, error: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(TransferError(error))
+
+
 # -- ranks 1..tp-1 ----------------------------------------------------------------------------------------
 
-def follow(config: EngineConfig, rank: int, world: int, store: Path) -> None:
+def follow(config: EngineConfig, rank: int, world: int, store: Path, report_fd: int) -> None:
     """Serve rank 0's commands until it says stop."""
     ranks = Ranks(store, rank, world, config.device)
     runner = ModelRunner(config, Shard(rank, world), ranks.all_reduce)
+    handoff: RankHandoff | None = None
+    if config.kv_transport is not None:
+        handoff = RankHandoff(runner, config.kv_transport, config.kv_transfer_host, report_to(report_fd))
+        ranks.store.set(f"{ADDRESS_KEY}{rank}", handoff.address)
     ranks.serving()
     log.info("tp rank %d/%d ready (pid %d)", rank, world, os.getpid())
     while (command := ranks.receive()) is not None:
         if isinstance(command, Forward):
-            for block_ids in command.imports:
-                kv = runner.blocks_buffer(len(block_ids))
-                ranks.recv(kv, 0)
-                runner.write_blocks(block_ids, kv)
+            for request_id, block_ids in command.imports:
+                assert handoff is not None
+                runner.commit_staging(handoff.take(request_id), block_ids)
             runner.forward(command.batch)
+            continue
+        assert handoff is not None, "KV hand-off commands to a rank without a KV transport"
+        if isinstance(command, Offer):
+            handoff.offer(command.request_id, command.block_ids)
+            ranks.barrier()
+        elif isinstance(command, Pull):
+            handoff.pull(command.kv, command.timeout)
         else:
-            ranks.send(runner.read_blocks(command.block_ids), 0)
+            handoff.forget(command.request_id)
+    if handoff is not None:
+        handoff.close()
 
 
 def _exit_with_parent(parent: int, interval_s: float = 1.0) -> Callable[[], None]:
@@ -253,11 +369,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--report-fd", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank-{args.rank} %(levelname)s %(message)s")
     threading.Thread(target=_exit_with_parent(os.getppid()), daemon=True).start()
     config = EngineConfig.model_validate_json(os.environ[CONFIG_ENV])
-    follow(config, args.rank, args.world, args.store)
+    follow(config, args.rank, args.world, args.store, args.report_fd)
 
 
 if __name__ == "__main__":

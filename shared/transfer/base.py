@@ -55,6 +55,34 @@ class TransferStats:
         return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Part of an offered byte stream: the stream cut into rows of `size` bytes, bytes [offset, offset +
+    length) of each row. A tensor-parallel rank pulls the KV heads it owns this way (shared/transfer/heads.py);
+    the offering side copies them out (`select_rows`) before sending."""
+
+    size: int
+    offset: int
+    length: int
+
+    def problem(self, views: Sequence[KVView]) -> str | None:
+        """Why these rows cannot be cut from `views` (None: they can)."""
+        if self.length <= 0 or self.offset < 0 or self.offset + self.length > self.size:
+            return f"rows of {self.size} bytes have no bytes [{self.offset}, {self.offset + self.length})"
+        if any(int(v.nbytes) % self.size for v in views):
+            return f"the offered views are not whole rows of {self.size} bytes"
+        return None
+
+    def nbytes(self, total: int) -> int:
+        return total // self.size * self.length
+
+
+def select_rows(views: Sequence[KVView], rows: Rows) -> list[KVView]:
+    """The bytes `rows` selects from each view, copied contiguous (check `rows.problem` first)."""
+    columns = slice(rows.offset, rows.offset + rows.length)
+    return [np.ascontiguousarray(np.asarray(byte_view(v)).reshape(-1, rows.size)[:, columns]) for v in views]
+
+
 class KVTransport(ABC):
     """Worker side of the KV hand-off. One per worker process, used from its event loop.
 
@@ -64,9 +92,10 @@ class KVTransport(ABC):
     * `offer(transfer_id, views)`: the views stay valid and unmodified until `withdraw` (the
       caller keeps the KV blocks). Offering an id twice replaces the offer.
     * `withdraw(transfer_id)`: no new pull of this id starts after it returns.
-    * `pull(peer_address, transfer_id, dest, timeout)`: fills `dest` (one byte stream) with the
-      offered bytes and returns when all of them are in `dest`; raises TransferError (also on
-      timeout) and then `dest` holds undefined bytes. Concurrent pulls are allowed.
+    * `pull(peer_address, transfer_id, dest, timeout, rows=None)`: fills `dest` (one byte stream) with
+      the offered bytes, or with the `Rows` of them asked for, and returns when all of them are in
+      `dest`; raises TransferError (also on timeout) and then `dest` holds undefined bytes.
+      Concurrent pulls are allowed.
     * `close()` stops serving and drops every offer; safe to call twice.
     """
 
@@ -98,8 +127,8 @@ class KVTransport(ABC):
     def withdraw(self, transfer_id: str) -> None: ...
 
     @abstractmethod
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
-                   timeout: float) -> TransferStats: ...
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView], timeout: float,
+                   rows: Rows | None = None) -> TransferStats: ...
 
     @abstractmethod
     async def close(self) -> None: ...

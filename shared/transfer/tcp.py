@@ -1,10 +1,11 @@
 """KV transfer over plain TCP: the decode side asks for a transfer id, the prefill side streams it.
 
 Wire format, per pull, on a connection the puller keeps open for its next pulls to the same peer:
-  puller -> server:  b"DSKV", u16 id length, id (utf-8)
-  server -> puller:  u8 status (0 ok, 1 unknown id), u64 byte count, then the bytes
+  puller -> server:  b"DSKV", u16 id length, u64 x 3 rows (size, offset, length; size 0: every byte), id (utf-8)
+  server -> puller:  u8 status (0 ok, 1 unknown id, 2 rows that do not fit), u64 byte count, then the bytes
 Bytes go straight from the prefill cache's views to the socket (`sock_sendall(memoryview)`) and
-from the socket into the decode cache's reserved views (`sock_recv_into`): no copies in Python.
+from the socket into the decode cache's reserved views (`sock_recv_into`): no copies in Python, except
+the copy `Rows` selects (a rank's KV heads).
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ import time
 from collections.abc import Sequence
 
 from shared.engine.api import KVView
-from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view, chunks, total_nbytes
+from shared.transfer.base import (
+    KVTransport,
+    Rows,
+    TransferError,
+    TransferStats,
+    byte_view,
+    chunks,
+    select_rows,
+    total_nbytes,
+)
 
 MAGIC = b"DSKV"
-_REQUEST = struct.Struct("!4sH")
+_REQUEST = struct.Struct("!4sHQQQ")
 _REPLY = struct.Struct("!BQ")
-_OK, _UNKNOWN = 0, 1
+_OK, _UNKNOWN, _BAD_ROWS = 0, 1, 2
 _CHUNK = 4 << 20  # bytes per send/recv call: big enough for few syscalls, small enough to interleave
 _SOCKET_BUFFER = 4 << 20
 
@@ -103,7 +113,7 @@ class TcpTransport(KVTransport):
         try:
             while True:
                 try:
-                    magic, length = _REQUEST.unpack(await _recv_exact(conn, _REQUEST.size))
+                    magic, length, *selection = _REQUEST.unpack(await _recv_exact(conn, _REQUEST.size))
                 except ConnectionError:
                     return  # the puller closed its pooled connection
                 if magic != MAGIC:
@@ -113,6 +123,12 @@ class TcpTransport(KVTransport):
                 if views is None:
                     await loop.sock_sendall(conn, _REPLY.pack(_UNKNOWN, 0))
                     continue
+                if selection[0]:
+                    rows = Rows(*selection)
+                    if rows.problem(views):
+                        await loop.sock_sendall(conn, _REPLY.pack(_BAD_ROWS, 0))
+                        continue
+                    views = select_rows(views, rows)
                 await loop.sock_sendall(conn, _REPLY.pack(_OK, total_nbytes(views)))
                 for chunk in chunks(views, _CHUNK):
                     await loop.sock_sendall(conn, chunk)
@@ -123,36 +139,41 @@ class TcpTransport(KVTransport):
 
     # -- pulling (decode side) --------------------------------------------------------------------
 
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
-                   timeout: float) -> TransferStats:
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView], timeout: float,
+                   rows: Rows | None = None) -> TransferStats:
         start = time.perf_counter()
         try:
             peer = parse_address(peer_address)
-            nbytes = await asyncio.wait_for(self._pull(peer, transfer_id, dest), timeout)
+            nbytes = await asyncio.wait_for(self._pull(peer, transfer_id, dest, rows), timeout)
         except TimeoutError as exc:
             raise TransferError(f"pull of {transfer_id!r} from {peer_address} timed out") from exc
         except (ConnectionError, OSError) as exc:
             raise TransferError(f"pull of {transfer_id!r} from {peer_address} failed: {exc}") from exc
         return TransferStats(nbytes, time.perf_counter() - start, self.name)
 
-    async def _pull(self, peer: tuple[str, int], transfer_id: str, dest: Sequence[KVView]) -> int:
+    async def _pull(self, peer: tuple[str, int], transfer_id: str, dest: Sequence[KVView], rows: Rows | None) -> int:
         loop = asyncio.get_running_loop()
         idle = self._idle.setdefault(peer, [])
         conn = idle.pop() if idle else await self._connect(peer)
         reusable = False
         try:
             key = transfer_id.encode()
+            selection = (rows.size, rows.offset, rows.length) if rows is not None else (0, 0, 0)
+            request = _REQUEST.pack(MAGIC, len(key), *selection) + key
             try:
-                await loop.sock_sendall(conn, _REQUEST.pack(MAGIC, len(key)) + key)
+                await loop.sock_sendall(conn, request)
                 status, nbytes = _REPLY.unpack(await _recv_exact(conn, _REPLY.size))
             except (ConnectionError, OSError):
                 conn.close()  # a pooled connection the peer closed: retry once on a fresh one
                 conn = await self._connect(peer)
-                await loop.sock_sendall(conn, _REQUEST.pack(MAGIC, len(key)) + key)
+                await loop.sock_sendall(conn, request)
                 status, nbytes = _REPLY.unpack(await _recv_exact(conn, _REPLY.size))
             if status == _UNKNOWN:
                 reusable = True
                 raise TransferError(f"peer {peer[0]}:{peer[1]} has no transfer {transfer_id!r} (withdrawn?)")
+            if status == _BAD_ROWS:
+                reusable = True
+                raise TransferError(f"transfer {transfer_id!r} cannot be cut into {rows}")
             expected = total_nbytes(dest)
             if nbytes != expected:
                 raise TransferError(f"transfer {transfer_id!r} has {nbytes} bytes, destination {expected}")

@@ -4,14 +4,14 @@ No listener: `create_listener` binds every interface, so peers connect by worker
 `address` is "ucx://" + the worker address (url-safe base64); the puller sends its own worker
 address in each request so the offering side can answer. Tagged messages, per pull:
 
-  puller -> server, tag REQUEST_TAG:  header (magic, reply tag base, timeout, lengths), transfer id,
-                                      puller worker address, destination view sizes (u64 each)
+  puller -> server, tag REQUEST_TAG:  header (magic, reply tag base, timeout, lengths, `Rows` asked for),
+                                      transfer id, puller worker address, destination view sizes (u64 each)
   server -> puller, tag base:         reply (magic, status, source view count, total bytes), source sizes
   server -> puller, tag base + 1 + i: segment i of the byte stream
 
 Both sides cut the stream at every view boundary of either side (`_segments`), so each segment is one
 contiguous slice of a source view and of a destination view: UCX reads the prefill cache and writes
-the decode cache directly, no copies in Python.
+the decode cache directly, no copies in Python (but the copy `Rows` selects: a rank's KV heads).
 
 Environment: UCX reads `UCX_TLS`, `UCX_NET_DEVICES` and its other variables as usual. When
 `UCX_NET_DEVICES` is unset and the transport host is a loopback address, network devices are
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from shared.engine.api import KVView
-from shared.transfer.base import KVTransport, TransferError, TransferStats, byte_view
+from shared.transfer.base import KVTransport, Rows, TransferError, TransferStats, byte_view, select_rows
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 ignores
 
@@ -56,9 +56,10 @@ log = logging.getLogger(__name__)
 PREFIX = "ucx://"
 MAGIC = b"DSKV"
 REQUEST_TAG = 0x44534B56_00000001  # top bit clear: never a reply tag base
-_REQUEST = struct.Struct("<4sQdIII")  # magic, reply tag base, timeout s, id length, address length, views
+_REQUEST = struct.Struct("<4sQdIIIQQQ")  # magic, reply tag base, timeout s, id length, address length, views,
+#                                           rows (size, offset, length; size 0: every byte)
 _REPLY = struct.Struct("<4sIIQ")  # magic, status, source view count, total bytes
-_OK, _UNKNOWN, _MISMATCH, _TOO_MANY = 0, 1, 2, 3
+_OK, _UNKNOWN, _MISMATCH, _TOO_MANY, _BAD_ROWS = 0, 1, 2, 3, 4
 MAX_VIEWS = 16384  # per side; a request's KV is a few runs of blocks, so this is generous
 MAX_ID = 1024
 _MAX_ADDRESS = 16384
@@ -116,6 +117,7 @@ class _Request:
     timeout: float
     transfer_id: str
     address: bytes
+    rows: Rows | None
     dest_sizes: list[int] = field(default_factory=list)
 
 
@@ -285,7 +287,7 @@ class UcxTransport(KVTransport):
 
     @staticmethod
     def _parse_request(buf: np.ndarray, own_header: int) -> _Request:
-        magic, reply_tag, timeout, id_len, addr_len, n_dest = _REQUEST.unpack_from(memoryview(buf))  # type: ignore[arg-type]  # ndarray is a buffer
+        magic, reply_tag, timeout, id_len, addr_len, n_dest, *selection = _REQUEST.unpack_from(memoryview(buf))  # type: ignore[arg-type]  # ndarray is a buffer
         if magic != MAGIC or id_len > MAX_ID or addr_len > _MAX_ADDRESS or n_dest > MAX_VIEWS:
             raise ValueError("malformed header")
         if not 0 < timeout <= _MAX_TIMEOUT_S:
@@ -299,15 +301,22 @@ class UcxTransport(KVTransport):
         # addresses of our version, random or one byte corrupted, only failed to connect, as UCXError.)
         if not address or address[0] & 0x0F != own_header & 0x0F:
             raise ValueError("the reply address is not a UCX worker address of our version")
-        return _Request(reply_tag, timeout, transfer_id, address, _sizes(buf, n_dest, pos + addr_len))
+        rows = Rows(*selection) if selection[0] else None
+        return _Request(reply_tag, timeout, transfer_id, address, rows, _sizes(buf, n_dest, pos + addr_len))
 
     async def _answer(self, request: _Request) -> None:
         assert self._progress is not None
         views = self._offers.get(request.transfer_id)
+        bad_rows = False
+        if views is not None and request.rows is not None:  # a rank's heads: copied out, then sent
+            bad_rows = request.rows.problem(views) is not None
+            views = views if bad_rows else select_rows(views, request.rows)
         src_sizes = [byte_view(v).nbytes for v in views] if views is not None else []
         total = sum(src_sizes)
         if views is None:
             status = _UNKNOWN
+        elif bad_rows:
+            status = _BAD_ROWS
         elif total != sum(request.dest_sizes):
             status = _MISMATCH
         elif len(src_sizes) > MAX_VIEWS:
@@ -337,8 +346,8 @@ class UcxTransport(KVTransport):
 
     # -- pulling (decode side) --------------------------------------------------------------------
 
-    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView],
-                   timeout: float) -> TransferStats:
+    async def pull(self, peer_address: str, transfer_id: str, dest: Sequence[KVView], timeout: float,
+                   rows: Rows | None = None) -> TransferStats:
         if self._progress is None:
             raise RuntimeError("transport not started")
         start = time.perf_counter()
@@ -352,7 +361,7 @@ class UcxTransport(KVTransport):
         posted: list[tuple[Any, int]] = []  # (receive request, tag) posted into `targets` or a reply buffer
         try:
             async with asyncio.timeout(timeout):
-                nbytes = await self._pull(peer, key, targets, timeout, posted)
+                nbytes = await self._pull(peer, key, targets, timeout, rows, posted)
         except TimeoutError as exc:
             exposed = self._retire(posted, peer, targets)
             raise TransferError(f"pull of {transfer_id!r} from a ucx peer timed out after {timeout}s",
@@ -394,13 +403,14 @@ class UcxTransport(KVTransport):
                     "complete", sum(not r.completed for r in receives))
         return lambda: not all(req.completed for req in receives)
 
-    async def _pull(self, peer: bytes, key: bytes, targets: list[memoryview], timeout: float,
+    async def _pull(self, peer: bytes, key: bytes, targets: list[memoryview], timeout: float, rows: Rows | None,
                     posted: list[tuple[Any, int]]) -> int:
         assert self._progress is not None
         dest_sizes = [t.nbytes for t in targets]
         own = self._worker.address.tobytes()
         reply_tag = (1 << 63) | (secrets.randbits(63 - _SEGMENT_BITS) << _SEGMENT_BITS)
-        message = (_REQUEST.pack(MAGIC, reply_tag, timeout, len(key), len(own), len(targets)) + key + own
+        selection = (rows.size, rows.offset, rows.length) if rows is not None else (0, 0, 0)
+        message = (_REQUEST.pack(MAGIC, reply_tag, timeout, len(key), len(own), len(targets), *selection) + key + own
                    + np.asarray(dest_sizes, dtype="<u8").tobytes())
         reply = np.empty(_REPLY.size + 8 * MAX_VIEWS, dtype=np.uint8)
         ep = self._endpoint(peer)
@@ -419,6 +429,8 @@ class UcxTransport(KVTransport):
             raise TransferError(f"transfer {key.decode()!r} has {total} bytes, destination {expected}")
         if status == _TOO_MANY:
             raise TransferError(f"transfer {key.decode()!r} has more than {MAX_VIEWS} views")
+        if status == _BAD_ROWS:
+            raise TransferError(f"transfer {key.decode()!r} cannot be cut into {rows}")
         src_sizes = _sizes(reply, n_src, _REPLY.size)
         reqs = []
         for i, (_, _, di, do, n) in enumerate(_segments(src_sizes, dest_sizes)):

@@ -35,7 +35,7 @@ def move_kv(prefill: LLMEngine, decode: LLMEngine, request_id: str) -> None:
     assert dest is not None
     stream = torch.cat([v.reshape(-1).view(torch.uint8) for v in export.views])  # each side: one byte stream
     offset = 0
-    for view in dest:
+    for view in dest.views:
         flat = view.view(-1).view(torch.uint8)
         flat.copy_(stream[offset:offset + flat.numel()])
         offset += flat.numel()

@@ -114,9 +114,9 @@ def test_kv_moves_as_a_fraction_of_its_bytes_plus_modelled_link_time() -> None:
     export = prefill.kv_export("r")
     assert export.meta.block_nbytes == 16 * 1024 // 64 and export.meta.dtype == "emulated"
     export.views[0][:] = 7
-    views = decode.kv_import_begin(export.meta)
-    assert views is not None and sum(v.nbytes for v in views) == export.nbytes
-    np.concatenate([v.reshape(-1) for v in views])[:] = 7  # what a pull writes
+    dest = decode.kv_import_begin(export.meta)
+    assert dest is not None and dest.heads is None and sum(v.nbytes for v in dest.views) == export.nbytes
+    np.concatenate([v.reshape(-1) for v in dest.views])[:] = 7  # what a pull writes
     assert decode.modelled_transfer_s(export.meta) == pytest.approx(100 * 1024 * (1 - 1 / 64) / 1e9)
     decode.kv_import_commit("r")
     texts = first.text

@@ -6,6 +6,7 @@ these tests also cover an uneven split. Each TP2 engine starts one child process
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -15,13 +16,16 @@ from shared.config import EngineSettings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.engine.loader import load_model
 from shared.engine.tensor_parallel import Shard, check_shardable, shard_config, shard_model_
-from tests.engine.conftest import make_engine, move_kv, run_to_completion
+from shared.protocol import KVHandle
+from shared.transfer import TransferError, create_transport
+from shared.transfer.heads import pull_heads
+from tests.engine.conftest import make_engine, run_to_completion
 from tests.engine.test_generation import GREEDY, PROMPTS, generate_alone
 
 
 @pytest.fixture(scope="module")
 def tp2() -> Iterator[LLMEngine]:
-    engine = make_engine(tp=2)
+    engine = make_engine(tp=2, kv_transport="tcp")  # its ranks 1.. pull KV heads on TCP transports of their own
     yield engine
     engine.close()
 
@@ -71,19 +75,80 @@ def test_two_ranks_generate_what_one_does(engine: LLMEngine, tp2: LLMEngine) -> 
     assert {PROMPTS[int(k)]: v for k, v in got.items()} == {p: generate_alone(engine, p) for p in PROMPTS}
 
 
-def test_kv_moves_between_different_tp(engine: LLMEngine, tp2: LLMEngine) -> None:
-    """TP2 prefill -> TP1 decode and TP1 prefill -> TP2 decode continue exactly as one engine would."""
+async def hand_off(prefill: LLMEngine, decode: LLMEngine, request_id: str) -> tuple[int, int, int]:
+    """The worker's KV hand-off in miniature, over real TCP transports: rank 0 of each side on its own (as a
+    worker's), the other ranks on theirs. The bytes decode's rank 0 pulled, those its other ranks did, and the
+    whole KV's."""
+    sender, receiver = create_transport("tcp"), create_transport("tcp")
+    await sender.start()
+    await receiver.start()
+    try:
+        export = prefill.kv_export(request_id)
+        sender.offer(request_id, export.views)
+        kv = KVHandle(prefill_instance="prefill", transport="tcp", address=sender.address, transfer_id=request_id,
+                      nbytes=export.nbytes, meta=export.meta, shard_addresses=export.shard_addresses)
+        dest = decode.kv_import_begin(kv.meta)
+        assert dest is not None
+        others = decode.kv_import_ranks(kv, 30)
+        own = await pull_heads(receiver, kv, dest, 30)
+        theirs = await asyncio.wrap_future(others) if others is not None else 0
+        decode.kv_import_commit(request_id)
+        return own.nbytes, theirs, kv.meta.nbytes
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2)])
+async def test_each_rank_moves_only_its_own_kv_heads(engine: LLMEngine, tp2: LLMEngine, prefill_tp: int,
+                                                      decode_tp: int) -> None:
+    """TP2 -> TP1, TP1 -> TP2 and TP2 -> TP2 continue exactly as one engine would, and each decode rank pulls
+    only its heads (2 of the model's 3 on rank 0, 1 on rank 1), from the prefill ranks that have them."""
     prompt = PROMPTS[1]
     expected = generate_alone(engine, prompt)
-    for prefill, decode in ((make_engine(role="prefill", tp=2), make_engine(role="decode")),
-                            (make_engine(role="prefill"), tp2)):
+    prefill = make_engine(role="prefill", tp=prefill_tp, kv_transport="tcp")
+    decode = tp2 if decode_tp == 2 else make_engine(role="decode")
+    try:
         prefill.add_request("r", prefill.tokenizer.encode(prompt), GREEDY)
         (first,) = prefill.step()
-        export = prefill.kv_export("r")
-        assert export.meta.block_nbytes == engine.block_nbytes  # the whole model's layout at any tp
-        move_kv(prefill, decode, "r")
+        own, theirs, whole = await hand_off(prefill, decode, "r")
+        assert whole == engine.block_nbytes * len(prefill.sequences["r"].block_table)  # the whole model's, at any tp
+        assert (own, theirs) == ((whole, 0) if decode_tp == 1 else (whole * 2 // 3, whole // 3))
         prefill.release("r")
         assert [first.token_id, *run_to_completion(decode)["r"]] == expected
+    finally:
+        prefill.close()
+
+
+async def test_a_rank_that_cannot_pull_fails_the_import_which_recomputes(engine: LLMEngine, tp2: LLMEngine) -> None:
+    prompt = PROMPTS[2]
+    prefill = make_engine(role="prefill", tp=2, kv_transport="tcp")
+    try:
+        prefill.add_request("gone", prefill.tokenizer.encode(prompt), GREEDY)
+        (first,) = prefill.step()
+        export = prefill.kv_export("gone")
+        prefill.abort("gone")  # its ranks withdraw their offers: the KV is gone before the pull
+        kv = KVHandle(prefill_instance="prefill", transport="tcp", address="tcp://127.0.0.1:1", transfer_id="gone",
+                      nbytes=export.nbytes, meta=export.meta, shard_addresses=export.shard_addresses)
+        assert tp2.kv_import_begin(kv.meta) is not None
+        others = tp2.kv_import_ranks(kv, 30)
+        assert others is not None
+        with pytest.raises(TransferError, match="tp rank 1.*no transfer"):
+            await asyncio.wrap_future(others)
+        tp2.kv_import_recompute("gone")  # the worker's failure policy: the ranks drop what they have of it
+        assert [first.token_id, *run_to_completion(tp2)["gone"]] == generate_alone(engine, prompt)
+    finally:
+        prefill.close()
+
+
+def test_a_tp_engine_without_a_kv_transport_says_so() -> None:
+    prefill = make_engine(role="prefill", tp=2)  # as in process: no worker gave it a transport
+    try:
+        prefill.add_request("r", prefill.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=2))
+        prefill.step()
+        with pytest.raises(RuntimeError, match="no KV transport"):
+            prefill.kv_export("r")
+    finally:
         prefill.close()
 
 

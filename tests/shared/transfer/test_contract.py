@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shared.transfer import KVTransport, TransferError
-from shared.transfer.base import total_nbytes
+from shared.transfer.base import Rows, total_nbytes
 from tests.shared.transfer.conftest import transport_pair
 
 TRANSPORTS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(importlib.util.find_spec("ucxx") is None,
@@ -48,6 +48,23 @@ async def test_pull_fills_differently_split_views(pair: tuple[KVTransport, KVTra
     again = [torch.empty(72, 3, 64)]
     await client.pull(server.address, "req-1", again, timeout=10)  # reuses the connection / endpoint
     assert torch.equal(flat(src), flat(again))
+
+
+async def test_pull_of_rows_takes_those_columns_of_every_row(pair: tuple[KVTransport, KVTransport]) -> None:
+    """A tensor-parallel rank's KV heads: the same bytes of every row, from views split anywhere."""
+    server, client = pair
+    src = blocks(1, [16, 48, 8])  # 72 rows of 3 x 64 floats; take the middle 64 floats of each
+    server.offer("req-1", src)
+    row = 3 * 64 * 4
+    dest = [torch.empty(30, 64), torch.empty(42, 64)]
+    stats = await client.pull(server.address, "req-1", dest, 10, Rows(row, 64 * 4, 64 * 4))
+    assert stats.nbytes == 72 * 64 * 4
+    assert torch.equal(torch.cat(dest), torch.cat(src)[:, 1])
+    for bad in (Rows(row, 64 * 4, row), Rows(7, 0, 1), Rows(row, 0, 0)):  # past the row; rows across views; empty
+        with pytest.raises(TransferError, match="cannot be cut"):
+            await client.pull(server.address, "req-1", [torch.empty(1)], 10, bad)
+    await client.pull(server.address, "req-1", dest, 10, Rows(row, 0, 64 * 4))  # still serving
+    assert torch.equal(torch.cat(dest), torch.cat(src)[:, 0])
 
 
 async def test_concurrent_pulls(pair: tuple[KVTransport, KVTransport]) -> None:

@@ -137,7 +137,8 @@ async def test_garbage_pull_requests_are_dropped_and_pulls_go_on(pair: tuple[KVT
     other_version = bytes([(own[0] & 0xF0) | ((own[0] + 5) & 0x0F)]) + own[1:]
 
     def request(transfer_id: bytes, address: bytes, timeout: float = 1.0) -> bytes:
-        return _REQUEST.pack(MAGIC, 1 << 63, timeout, len(transfer_id), len(address), 1) + transfer_id + address + size
+        header = _REQUEST.pack(MAGIC, 1 << 63, timeout, len(transfer_id), len(address), 1, 0, 0, 0)
+        return header + transfer_id + address + size
 
     messages = [os.urandom(100), request(b"\xff\xfe", own), request(b"x", own, timeout=1e30),
                 request(b"x", other_version), request(b"x", own[:1] + os.urandom(len(own) - 1)), request(b"x", b"")]
