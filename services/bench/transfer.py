@@ -6,7 +6,8 @@ way a decode worker does (`KVTransport.pull` into preallocated views) and report
 after warm-up pulls. The reference is a single-thread memcpy of the same size (one core copying, as
 UCX's shared-memory copy does), timed right after each pull so that both see the same machine load.
 The KV of one prompt is set against that prompt's prefill time (TTFT), measured with the engine or
-given with `--ttft-ms`.
+given with `--ttft-ms`. The same KV is also pulled as a rank of a TP2 decode instance pulls it from a
+TP1 prefill instance: two of every three heads' bytes (`Rows`, which the offering side cuts out).
 """
 
 from __future__ import annotations
@@ -30,12 +31,24 @@ from rich.table import Table
 
 from shared.argtypes import names_from, positive_int, positive_ints
 from shared.transfer import KVTransport, create_transport
+from shared.transfer.base import Rows
 
 MiB = 1 << 20
 # Default model (SmolLM2-135M): K and V x 30 layers x 3 KV heads x head_dim 64 x fp32, per token.
 DEFAULT_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
 KV_SOURCE_VIEWS = 4  # a request's KV is a few runs of consecutive blocks; the sides split it differently
 KV_DEST_VIEWS = 3
+HEAD_BYTES = 64 * 4  # one KV head's vector (head_dim 64, fp32); the default model has 3 KV heads per row
+TP2_RANK0 = Rows(3 * HEAD_BYTES, 0, 2 * HEAD_BYTES)  # rank 0 of a TP2 decode instance: 2 of the 3 heads
+KV_ITEM, HEADS_ITEM = "KV of one prompt", "its TP2 rank-0 heads (Rows)"
+
+
+@dataclass(frozen=True)
+class Item:
+    source: list[int]  # view sizes in bytes
+    dest: list[int]
+    rows: Rows | None = None  # pulled as these rows of the source (under the source's transfer id)
+    offered_as: str = ""  # the transfer id, if not the item's name
 
 
 @dataclass(frozen=True)
@@ -70,15 +83,21 @@ class Result:
         return self.nbytes / self.memcpy_seconds
 
 
-def split(nbytes: int, parts: int) -> list[int]:
-    base = nbytes // parts
-    return [base] * (parts - 1) + [nbytes - base * (parts - 1)]
+def split(nbytes: int, parts: int, unit: int = 1) -> list[int]:
+    """`parts` sizes adding up to nbytes, each a multiple of `unit` (nbytes must be one)."""
+    units = nbytes // unit
+    base = units // parts
+    return [base * unit] * (parts - 1) + [(units - base * (parts - 1)) * unit]
 
 
-def items(sizes_mib: list[int], kv_bytes: int) -> dict[str, tuple[list[int], list[int]]]:
-    """Transfer id -> (source view sizes, destination view sizes) in bytes."""
-    out = {f"{m} MiB": ([m * MiB], [m * MiB]) for m in sizes_mib}
-    out["KV of one prompt"] = (split(kv_bytes, KV_SOURCE_VIEWS), split(kv_bytes, KV_DEST_VIEWS))
+def items(sizes_mib: list[int], kv_bytes: int) -> dict[str, Item]:
+    """What is pulled, by name; the KV's views are whole rows (as a cache's blocks are)."""
+    out = {f"{m} MiB": Item([m * MiB], [m * MiB]) for m in sizes_mib}
+    row = TP2_RANK0.size
+    out[KV_ITEM] = Item(split(kv_bytes, KV_SOURCE_VIEWS, row), split(kv_bytes, KV_DEST_VIEWS, row))
+    if kv_bytes % row == 0:  # rows of the default model's KV
+        out[HEADS_ITEM] = Item([], split(TP2_RANK0.nbytes(kv_bytes), KV_DEST_VIEWS, TP2_RANK0.length), TP2_RANK0,
+                               offered_as=KV_ITEM)
     return out
 
 
@@ -86,11 +105,12 @@ def buffers(sizes: list[int]) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in sizes]
 
 
-async def _serve(transport_name: str, plan: dict[str, tuple[list[int], list[int]]]) -> None:
+async def _serve(transport_name: str, plan: dict[str, Item]) -> None:
     transport = create_transport(transport_name)
     await transport.start()
-    for name, (src, _) in plan.items():
-        transport.offer(name, buffers(src))
+    for name, item in plan.items():
+        if not item.offered_as:
+            transport.offer(name, buffers(item.source))
     print(transport.address, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     await transport.close()
@@ -117,26 +137,26 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-async def _pull_all(client: KVTransport, address: str, plan: dict[str, tuple[list[int], list[int]]],
-                    key: str, warmup: int, repeat: int) -> list[Result]:
+async def _pull_all(client: KVTransport, address: str, plan: dict[str, Item], key: str, warmup: int,
+                    repeat: int) -> list[Result]:
     results = []
-    for name, (src, dst) in plan.items():
-        dest = [torch.zeros(n, dtype=torch.uint8) for n in dst]  # touched: no page faults while timed
-        copy_src = np.random.randint(0, 256, sum(src), dtype=np.uint8)
+    for name, item in plan.items():
+        dest = [torch.zeros(n, dtype=torch.uint8) for n in item.dest]  # touched: no page faults while timed
+        copy_src = np.random.randint(0, 256, sum(item.dest), dtype=np.uint8)
         copy_dst = np.zeros_like(copy_src)
         times, copies = [], []
         for i in range(warmup + repeat):
-            stats = await client.pull(address, name, dest, timeout=120)
+            stats = await client.pull(address, item.offered_as or name, dest, timeout=120, rows=item.rows)
             start = time.perf_counter()
             np.copyto(copy_dst, copy_src)  # numpy copies on one thread
             if i >= warmup:
                 times.append(stats.seconds)
                 copies.append(time.perf_counter() - start)
-        results.append(Result(key, name, sum(src), statistics.median(times), statistics.median(copies)))
+        results.append(Result(key, name, sum(item.dest), statistics.median(times), statistics.median(copies)))
     return results
 
 
-def bench_variant(key: str, plan: dict[str, tuple[list[int], list[int]]], sizes: list[int], kv_bytes: int,
+def bench_variant(key: str, plan: dict[str, Item], sizes: list[int], kv_bytes: int,
                   warmup: int, repeat: int) -> list[Result]:
     variant = VARIANTS[key]
     code = "from services.bench.transfer import serve_main; serve_main()"
@@ -205,11 +225,11 @@ def bandwidth_table(results: list[Result]) -> Table:
 
 def ttft_table(results: list[Result], ttft_s: float, tokens: int, source: str) -> Table:
     table = Table(title=f"KV of a {tokens}-token prompt against its TTFT ({1000 * ttft_s:.0f} ms, {source})")
-    for name in ("transport", "KV bytes", "transfer ms", "share of TTFT"):
+    for name in ("transport", "transfer", "KV bytes", "transfer ms", "share of TTFT"):
         table.add_column(name, justify="right")
     for r in results:
-        if r.item == "KV of one prompt":
-            table.add_row(r.variant, f"{r.nbytes:,}", f"{1000 * r.seconds:.2f}",
+        if r.item in (KV_ITEM, HEADS_ITEM):
+            table.add_row(r.variant, r.item, f"{r.nbytes:,}", f"{1000 * r.seconds:.2f}",
                           f"{100 * r.seconds / ttft_s:.1f}%")
     return table
 
