@@ -91,6 +91,8 @@ class EngineSettings(_Section):
                                   "cache (else gather + SDPA)")
     device: Device = Field(default="auto", description="where the torch engine computes: auto (cuda when torch "
                            "sees a GPU), cpu or cuda (an error if there is none)")
+    cuda_graphs: bool = Field(default=True, description="on a GPU at tp 1: decode steps replay CUDA graphs captured "
+                              "at start (shared/engine/cuda_graphs.py)")
     tp: int = Field(default=1, ge=1, le=64, description="tensor-parallel degree of an instance: the torch engine "
                     "runs that many processes (shared/engine/tp_group.py); the emulated engine models it")
     pp: int = Field(default=1, ge=1, le=64, description="pipeline stages of an instance (emulated engine; the torch "

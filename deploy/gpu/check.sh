@@ -7,8 +7,9 @@
 #  1. the card and versions;
 #  2. the Triton kernels compiled for the GPU against their torch references;
 #  3. the engine on the GPU against the same engine on the CPU (perplexity, predictions), batched decode;
-#  4. `bench engine` at a Llama-3-8B shape (random weights, bf16): decode against the HBM floor and
-#     prefill against the bf16 GEMM rate, both limits measured in the same run;
+#     captured CUDA graphs against the eager step;
+#  4. `bench engine` at a Llama-3-8B shape (random weights, bf16): decode against the HBM floor (with CUDA
+#     graphs and eager) and prefill against the bf16 GEMM rate, both limits measured in the same run;
 #  5. a stack (NATS, Redis, gateway, prefill and decode workers on the GPU) against the engine in process.
 # Exit status 0 only if every step passed. `--no-install`: the packages are there already (a machine
 # with `make install` done; python3 the project's), only the tokenizer is taken from .gpu/.
@@ -42,7 +43,7 @@ pytest() { python3 -m pytest -q -p no:cacheprovider "$@"; }
 step "card and versions" sh -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv &&
     python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"'
 step "Triton kernels on the GPU" env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/engine/test_triton_kernels.py
-step "engine on the GPU vs the CPU" pytest tests/engine/test_device.py
+step "engine on the GPU vs the CPU, CUDA graphs" pytest tests/engine/test_device.py tests/engine/test_cuda_graphs.py
 step "bench engine, Llama-3-8B shape, bf16" python3 -m services.cli bench engine --device cuda \
     --model "$LLAMA_3_8B" --variants bf16 --prefill-lengths 512,2048 --decode-batches 1,16,64 --context 512 \
     --kv-gib 8 --quality-tokens 0 --copy-mib 2048 --gemm-n 8192 --warmup 3 --repeat 10

@@ -69,6 +69,7 @@ class DecodeResult:
     context: int
     seconds: float  # per step
     bytes_read: float  # weights + KV of the batch
+    steps: str = "eager"  # or "CUDA graphs", "compiled": how the decode steps ran
 
     @property
     def tokens_s(self) -> float:
@@ -169,7 +170,8 @@ def bench_decode(engine: LLMEngine, variant: str, batch: int, context: int, warm
     kv_bytes = batch * mid_context * engine.model_config.kv_bytes_per_token(engine.cache.data.element_size())
     for rid in ids:
         engine.abort(rid)
-    return DecodeResult(variant, batch, mid_context, seconds, weight_bytes + kv_bytes)
+    how = "CUDA graphs" if engine.runner.graphs is not None else "compiled" if engine.compiled else "eager"
+    return DecodeResult(variant, batch, mid_context, seconds, weight_bytes + kv_bytes, how)
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,14 @@ def measure_variant(args: argparse.Namespace, engine: LLMEngine, variant: str, c
     for b in args.decode_batches:
         console.log(f"{variant}: decode batch {b}")
         decodes.append(bench_decode(engine, variant, b, args.context, args.warmup, args.decode_steps, weight_bytes))
+        graphs = engine.runner.graphs
+        if graphs is not None:  # the same steps eager, in the same run: what the graphs save
+            engine.runner.graphs = None
+            try:
+                decodes.append(bench_decode(engine, variant, b, args.context, args.warmup, args.decode_steps,
+                                            weight_bytes))
+            finally:
+                engine.runner.graphs = graphs
     scored = None
     if args.quality_tokens:
         console.log(f"{variant}: perplexity on {args.quality_tokens} tokens of the reference text")
@@ -257,14 +267,14 @@ def prefill_table(results: list[PrefillResult], m: Machine) -> Table:
 
 def decode_table(results: list[DecodeResult], m: Machine, weight_bytes: dict[str, int]) -> Table:
     table = Table(title="Decode: one token per sequence per step (floor: weight + KV bytes read / bandwidth)")
-    for name in ("variant", "batch", "context", "weights MB", "ms/step", "tokens/s", "floor ms", "step/floor",
-                 "vs batch 1"):
+    for name in ("variant", "steps", "batch", "context", "weights MB", "ms/step", "tokens/s", "floor ms",
+                 "step/floor", "vs batch 1"):
         table.add_column(name, justify="right")
     for r in results:
         floor = r.bytes_read / m.bandwidth_bytes_s
-        base = next((b for b in results if b.variant == r.variant and b.batch == 1), None)
+        base = next((b for b in results if (b.variant, b.steps, b.batch) == (r.variant, r.steps, 1)), None)
         versus = f"{r.tokens_s / base.tokens_s:.1f}x" if base else "-"
-        table.add_row(r.variant, str(r.batch), str(r.context), f"{weight_bytes[r.variant] / 1e6:.3g}",
+        table.add_row(r.variant, r.steps, str(r.batch), str(r.context), f"{weight_bytes[r.variant] / 1e6:.3g}",
                       f"{1000 * r.seconds:.1f}", f"{r.tokens_s:.1f}", f"{1000 * floor:.3g}",
                       f"{r.seconds / floor:.2f}x", versus)
     return table

@@ -53,7 +53,7 @@ class LLMEngine(EngineCore):
         positions = self.model_config.max_position_embeddings
         super().__init__(config, load_tokenizer(tokenizer_source(config.model)),
                          model_display_name(config.model), min(config.max_model_len or positions, positions),
-                         self.model_config.vocab_size, self.cache.num_blocks)
+                         self.model_config.vocab_size, self.runner.num_blocks)
 
     @property
     def label(self) -> str:

@@ -2,7 +2,8 @@
 
 Three steps per engine step, each its own method so that the engine can run `forward` without its
 lock (see shared/engine/engine.py): `prepare` (flat input tensors from the scheduled sequences),
-`forward` (the compiled decode graph where it covers the batch, else the eager model) and `sample`.
+`forward` (on a GPU the CUDA graphs, on a CPU the compiled decode graph, where they cover the batch; else
+the eager model) and `sample`.
 It also reads and writes whole requests' KV for the hand-off between engines (`kv_views`, staging).
 """
 
@@ -16,6 +17,7 @@ import torch
 from shared.engine.api import HeadShare
 from shared.engine.compiled import CompiledDecode
 from shared.engine.config import EngineConfig, ModelConfig
+from shared.engine.cuda_graphs import DecodeGraphs
 from shared.engine.device import rank_device, resolve_device
 from shared.engine.kv_cache import KVCache
 from shared.engine.loader import load_model
@@ -62,11 +64,13 @@ class ModelRunner:
 
         # The KV budget is the instance's: sized by the whole model's blocks, so every rank has as many.
         block_bytes = KVCache.bytes_per_block(self.model_config, config.block_size, self.dtype)
-        num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes
-        if num_blocks < 1:
+        self.num_blocks = int(config.kv_cache_memory_gib * 2**30) // block_bytes  # what the engine hands out
+        if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no {block_bytes}-byte block")
-        self.cache = KVCache(shard_config(self.model_config, shard), num_blocks, config.block_size, self.dtype,
-                             self.device)
+        graphs = not on_cpu and config.cuda_graphs and shard.world == 1 and config.role != "prefill"
+        # With CUDA graphs, one block more: the scratch block their padding rows write into.
+        self.cache = KVCache(shard_config(self.model_config, shard), self.num_blocks + graphs, config.block_size,
+                             self.dtype, self.device)
         if config.paged_attention:
             try:
                 self.model.use_paged_attention(self.device)
@@ -83,6 +87,12 @@ class ModelRunner:
         if config.compile and config.role != "prefill":  # a prefill engine never runs a decode-only step
             self.compiled = CompiledDecode(self.model, self.cache)
             self.compiled.warm_up()  # before any block is handed out: it writes to block 0
+        self.graphs: DecodeGraphs | None = None
+        if graphs:
+            positions = self.model_config.max_position_embeddings
+            max_len = min(config.max_model_len or positions, positions)
+            self.graphs = DecodeGraphs(self.model, self.cache, scratch_block=self.num_blocks,
+                                       max_batch=config.max_num_seqs, max_blocks=-(-max_len // config.block_size))
         self.generator = torch.Generator().manual_seed(torch.seed())
 
     # -- one step ------------------------------------------------------------------------------------
@@ -126,6 +136,8 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [sequences to sample, vocab]; writes the batch's K/V into the cache."""
+        if self.graphs is not None and self.graphs.covers(batch):  # they copy the batch into their own buffers
+            return self.graphs(batch)
         batch = batch.to(self.device)
         if self.compiled is not None and self.compiled.covers(batch):
             return self.compiled(batch)
