@@ -252,7 +252,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # whole tables in files and pipes
     log = Console(stderr=True)
     if args.warmup < 0 or (args.ttft_ms is not None and args.ttft_ms <= 0):
         log.print("[red]error:[/red] --warmup must be >= 0 and --ttft-ms > 0")

@@ -21,6 +21,7 @@ from shared.engine.api import KVView
 from shared.transfer.base import (
     KVTransport,
     Rows,
+    StagingPool,
     TransferError,
     TransferStats,
     byte_view,
@@ -76,6 +77,7 @@ class TcpTransport(KVTransport):
         self._listener: socket.socket | None = None
         self._port = 0
         self._idle: dict[tuple[str, int], list[socket.socket]] = {}  # pooled client connections
+        self._staging = StagingPool()
 
     # -- serving (prefill side) -------------------------------------------------------------------
 
@@ -123,15 +125,21 @@ class TcpTransport(KVTransport):
                 if views is None:
                     await loop.sock_sendall(conn, _REPLY.pack(_UNKNOWN, 0))
                     continue
+                staged = None
                 if selection[0]:
                     rows = Rows(*selection)
                     if rows.problem(views):
                         await loop.sock_sendall(conn, _REPLY.pack(_BAD_ROWS, 0))
                         continue
-                    views = select_rows(views, rows)
-                await loop.sock_sendall(conn, _REPLY.pack(_OK, total_nbytes(views)))
-                for chunk in chunks(views, _CHUNK):
-                    await loop.sock_sendall(conn, chunk)
+                    staged = self._staging.take(rows.nbytes(total_nbytes(views)))
+                    views = [select_rows(views, rows, staged)]
+                try:
+                    await loop.sock_sendall(conn, _REPLY.pack(_OK, total_nbytes(views)))
+                    for chunk in chunks(views, _CHUNK):
+                        await loop.sock_sendall(conn, chunk)
+                finally:
+                    if staged is not None:  # in the kernel's buffers by now, or never to be sent
+                        self._staging.give(staged)
         except (ConnectionError, OSError):
             return
         finally:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from shared.engine.api import KVView
-from shared.transfer.base import KVTransport, Rows, TransferError, TransferStats, byte_view, select_rows
+from shared.transfer.base import KVTransport, Rows, StagingPool, TransferError, TransferStats, byte_view, select_rows
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 ignores
 
@@ -222,6 +222,7 @@ class UcxTransport(KVTransport):
         self._context: Any = None
         self._progress: _Progress | None = None
         self._endpoints: dict[bytes, Any] = {}  # peer worker address -> UCXEndpoint
+        self._staging = StagingPool()
         self._address = ""
 
     # -- setup ------------------------------------------------------------------------------------
@@ -308,9 +309,12 @@ class UcxTransport(KVTransport):
         assert self._progress is not None
         views = self._offers.get(request.transfer_id)
         bad_rows = False
+        staged = None
         if views is not None and request.rows is not None:  # a rank's heads: copied out, then sent
             bad_rows = request.rows.problem(views) is not None
-            views = views if bad_rows else select_rows(views, request.rows)
+            if not bad_rows:
+                staged = self._staging.take(request.rows.nbytes(sum(int(v.nbytes) for v in views)))
+                views = [select_rows(views, request.rows, staged)]
         src_sizes = [byte_view(v).nbytes for v in views] if views is not None else []
         total = sum(src_sizes)
         if views is None:
@@ -336,6 +340,8 @@ class UcxTransport(KVTransport):
                 for i, (si, so, _, _, n) in enumerate(_segments(src_sizes, request.dest_sizes)):
                     reqs.append(ep.tag_send(Array(sources[si][so:so + n]), Tag(request.reply_tag + 1 + i)))
             await asyncio.wait_for(self._progress.wait(reqs, keep), request.timeout + _GRACE_S)
+            if staged is not None:  # sent: UCX reads it no more (after a failure it may: then it is dropped)
+                self._staging.give(staged)
         except TimeoutError:
             # The puller gave up and completed its receives itself: these sends are never matched.
             # They stay with the orphans (closing the endpoint would cancel other pulls on it too).

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shared.transfer import KVTransport, TransferError
-from shared.transfer.base import Rows, total_nbytes
+from shared.transfer.base import Rows, StagingPool, total_nbytes
 from tests.shared.transfer.conftest import transport_pair
 
 TRANSPORTS = ["tcp", pytest.param("ucx", marks=pytest.mark.skipif(importlib.util.find_spec("ucxx") is None,
@@ -96,3 +96,16 @@ async def test_unknown_withdrawn_and_mismatched_transfers_fail(pair: tuple[KVTra
     dest = [torch.empty(4)]
     await client.pull(server.address, "ok", dest, timeout=5)
     assert dest[0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_the_staging_pool_reuses_what_was_given_back_up_to_its_cap() -> None:
+    pool = StagingPool(max_bytes=300)
+    small, big = pool.take(100), pool.take(200)
+    assert pool.take(100) is not small  # both out: a new one
+    pool.give(small)
+    pool.give(big)
+    assert pool.take(150) is big and pool.take(50) is small  # the smallest that fits
+    pool.give(pool.take(250))  # 100 + 200 + 250 > 300: the smallest kept go first
+    pool.give(small)
+    pool.give(big)
+    assert sorted(b.nbytes for b in pool._free) == [250]
