@@ -156,28 +156,15 @@ class TensorParallel:
         self.addresses: list[str] = []  # ranks 1..'s KV transports
         self._serving = False  # every rank started: from here on they take commands
         try:
-            store = self._dir / "store"
-            env = {**os.environ, CONFIG_ENV: config.model_dump_json()}
+            store_path = self._dir / "store"
             for rank in range(1, self.world):
-                report, write_end = os.pipe()
-                try:
-                    self._processes.append(subprocess.Popen(
-                        [sys.executable, "-m", __name__, "--rank", str(rank), "--world", str(self.world),
-                         "--store", str(store), "--report-fd", str(write_end)], env=env, pass_fds=(write_end,)))
-                except BaseException:
-                    os.close(report)
-                    raise
-                finally:
-                    os.close(write_end)
-                threading.Thread(target=self._read_reports, args=(rank, report), daemon=True,
-                                 name=f"tp-rank-{rank}-reports").start()
-            self.ranks = Ranks(store, 0, self.world, config.device)
+                self._start(rank, store_path, config)
+            self.ranks = Ranks(store_path, 0, self.world, config.device)
             self.runner = ModelRunner(config, Shard(0, self.world), self.ranks.all_reduce)
             self.ranks.serving()
             self._serving = True
-            if config.kv_transport is not None:
-                rank_store = self.ranks.store
-                self.addresses = [rank_store.get(f"{ADDRESS_KEY}{rank}").decode() for rank in range(1, self.world)]
+            if config.kv_transport is not None:  # each rank set its transport's address before `serving`
+                self.addresses = [self.ranks.store.get(f"{ADDRESS_KEY}{r}").decode() for r in range(1, self.world)]
         except BaseException as exc:
             self.close()
             if isinstance(exc, ValueError):  # the configuration (a model that cannot split tp ways): as it is
@@ -185,9 +172,24 @@ class TensorParallel:
             exits = [p.returncode for p in self._processes]
             raise RuntimeError(f"tp={self.world}: the ranks did not start (exit codes of ranks 1..: {exits}): "
                                f"{exc}") from exc
-        heads = self.head_counts
         log.info("tensor parallelism: %d ranks (pids %s), KV heads per rank %s", self.world,
-                 [os.getpid(), *(p.pid for p in self._processes)], heads)
+                 [os.getpid(), *(p.pid for p in self._processes)], self.head_counts)
+
+    def _start(self, rank: int, store_path: Path, config: EngineConfig) -> None:
+        """Start rank `rank`'s process, and a thread that reads the reports it writes on a pipe of its own."""
+        report, write_end = os.pipe()
+        try:
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", __name__, "--rank", str(rank), "--world", str(self.world),
+                 "--store", str(store_path), "--report-fd", str(write_end)],
+                env={**os.environ, CONFIG_ENV: config.model_dump_json()}, pass_fds=(write_end,)))
+        except BaseException:
+            os.close(report)
+            raise
+        finally:
+            os.close(write_end)
+        threading.Thread(target=self._read_reports, args=(rank, report), daemon=True,
+                         name=f"tp-rank-{rank}-reports").start()
 
     @property
     def pids(self) -> list[int]:
