@@ -7,13 +7,18 @@ its padding rows must write nowhere but the scratch block, even when a larger ba
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
+from rich.console import Console
 
+from services.bench.engine import measure_variant
 from shared.engine import LLMEngine, SamplingParams
 from shared.engine.cuda_graphs import DecodeGraphs, buckets
 from shared.engine.model import ForwardBatch
 from tests.engine.conftest import make_engine
+from tests.engine.test_cli import TINY
 from tests.engine.test_device import GPU_TEST_MODEL, needs_gpu
 from tests.engine.test_generation import PROMPTS
 
@@ -85,3 +90,17 @@ def test_captured_graphs_replay_the_eager_step() -> None:
     graphs = engine.runner.graphs
     assert graphs is not None and graphs.buckets == [1, 2, 4, 8] and graphs.scratch_block == engine.runner.num_blocks
     check_padded_step(engine, graphs, decode_batch(engine, PROMPTS[:3]))
+
+
+def test_bench_engine_times_decode_with_the_graphs_and_eager() -> None:
+    """bench engine's GPU branch, here with graphs that run their padded steps eagerly."""
+    args = argparse.Namespace(prefill_lengths=[16], decode_batches=[1, 2], context=8, warmup=0, repeat=1,
+                              decode_steps=2, quality_tokens=0)
+    engine = make_engine(model=TINY, dtype="float32", max_num_seqs=2, kv_cache_memory_gib=0.01)
+    graphs = DecodeGraphs(engine.model, engine.cache, engine.blocks.allocate(1)[0], max_batch=2, max_blocks=16,
+                          capture=False)
+    engine.runner.graphs = graphs
+    result = measure_variant(args, engine, "fp32", Console(quiet=True))
+    assert [(d.batch, d.steps) for d in result.decodes] == [(1, "CUDA graphs"), (1, "eager"), (2, "CUDA graphs"),
+                                                            (2, "eager")]
+    assert engine.runner.graphs is graphs  # back for the next batch size
