@@ -2,8 +2,8 @@
 
 auto is cuda when torch sees a GPU, else cpu. On a GPU the weights stay in their dtype (the reduced
 weight formats are CPU kernels) and an automatic precision is bfloat16; the C++ ops are CPU code, so
-decode attention and fresh prompts' prefill attention are the Triton kernels (shared/engine/gpu/), and
-the norms and RoPE are torch's. At tp 1, decode steps replay CUDA graphs (shared/engine/cuda_graphs.py).
+decode attention, fresh prompts' prefill attention, RMSNorm, RoPE and the K/V store are the Triton kernels
+(shared/engine/gpu/). At tp 1, decode steps replay CUDA graphs (shared/engine/cuda_graphs.py).
 
 Verified here on CPU only: the resolution and its errors, and the engine on device="cpu". The CUDA
 path has not run yet (no GPU has been lent to this project's sessions); deploy/gpu/check.sh runs it.

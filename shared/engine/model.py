@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,10 +65,15 @@ PagedAttention = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, torch.
 PackedPrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int], torch.Tensor]
 
 
-def native_layer_ops(enabled: bool, x: torch.Tensor) -> bool:
+# Who computes RMSNorm, RoPE and the K/V store: torch's ops; C++ (csrc/layer_ops.cpp, for eager float32 steps on
+# CPU: Transformer.use_native_layer_ops); Triton (shared/engine/gpu/, on a GPU: Transformer.use_triton_layer_ops).
+LayerOps = Literal["torch", "native", "triton"]
+
+
+def native_layer_ops(ops: LayerOps, x: torch.Tensor) -> bool:
     """Whether an op runs in csrc/layer_ops.cpp: in eager float32 steps of a model that loaded them
     (Transformer.use_native_layer_ops). A compiled graph keeps torch's ops, which inductor fuses itself."""
-    return enabled and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+    return ops == "native" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 class RMSNorm(nn.Module):
@@ -75,10 +81,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.native = False
+        self.ops: LayerOps = "torch"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native_layer_ops(self.native, x) and x.dim() == 2 and self.weight.dtype == torch.float32:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """rms_norm(x) * weight; with `residual`, first residual += x (in place) and the norm of that."""
+        if self.ops == "triton":  # the add and the norm in one pass over each row
+            from shared.engine.gpu.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            residual += x
+            x = residual
+        if native_layer_ops(self.ops, x) and x.dim() == 2 and self.weight.dtype == torch.float32:
             return torch.ops.distserve.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
@@ -101,9 +115,14 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions, None, :].to(dtype), self.sin[positions, None, :].to(dtype)  # [T, 1, D]
 
 
-def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, native: bool = False) -> None:
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: LayerOps = "torch") -> None:
     """RoPE in place on x [T, heads, D]; sin comes signed from RotaryEmbedding.tables."""
-    if native_layer_ops(native, x):
+    if ops == "triton":
+        from shared.engine.gpu.rope import rope_
+
+        rope_(x, cos, sin)
+        return
+    if native_layer_ops(ops, x):
         torch.ops.distserve.rope_(x, cos, sin)
         return
     half = x.shape[-1] // 2
@@ -122,7 +141,8 @@ class StepTensors:
     decode_context_lens: torch.Tensor  # [B]
     decode_mask: torch.Tensor | None  # [B, 1, 1, N * block_size] bool: key positions within each context (gather)
     paged: PagedAttention | None  # decode attention straight from the cache (else gather + SDPA)
-    native: bool  # RoPE by csrc/layer_ops.cpp
+    layer_ops: LayerOps  # who computes RoPE and the K/V store (RMSNorm: each module's `ops`)
+    slots: torch.Tensor | None  # [T] block * block_size + offset of each token's K/V: the Triton store's index
     prefill_spans: list[PrefillSpan]
     # Every span a fresh prompt and a kernel for them (on a GPU): one call for all of them, over the rows from
     # the first span on, which start at prefill_starts (relative to it; the end last); else SDPA per span.
@@ -144,8 +164,14 @@ class Attention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 * KVH) * D]
         apply_rope_(qkv[:, : c.q_size + c.kv_size].view(T, c.num_heads + c.num_kv_heads, c.head_dim),
-                    step.cos, step.sin, step.native)  # q and k together
-        cache.write(self.layer_id, step.write_index, qkv[:, c.q_size:].view(T, 2, c.num_kv_heads, c.head_dim))
+                    step.cos, step.sin, step.layer_ops)  # q and k together
+        kv = qkv[:, c.q_size:].view(T, 2, c.num_kv_heads, c.head_dim)
+        if step.slots is not None:
+            from shared.engine.gpu.prefill_attention import store_kv
+
+            store_kv(kv[:, 0], kv[:, 1], cache.data, self.layer_id, step.slots)
+        else:
+            cache.write(self.layer_id, step.write_index, kv)
         q = qkv[:, : c.q_size].view(T, c.num_heads, c.head_dim)
 
         num_decode = step.decode_block_tables.shape[0]
@@ -226,8 +252,9 @@ class DecoderLayer(nn.Module):
         self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
-        x += self._reduced(self.attn(self.input_norm(x), step, cache))  # in place: x is this forward's own
-        x += self._reduced(self.mlp(self.post_attn_norm(x)))
+        # In place: x is this forward's own. post_attn_norm adds the attention's output into x before its norm.
+        attended = self._reduced(self.attn(self.input_norm(x), step, cache))
+        x += self._reduced(self.mlp(self.post_attn_norm(attended, residual=x)))
         return x
 
     def _reduced(self, partial: torch.Tensor) -> torch.Tensor:
@@ -249,16 +276,24 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.paged_attention: PagedAttention | None = None  # set by use_paged_attention()
         self.packed_prefill: PackedPrefillAttention | None = None  # set by use_packed_prefill()
-        self.native_layer_ops = False  # set by use_native_layer_ops()
+        self.layer_ops: LayerOps = "torch"  # set by use_native_layer_ops() or use_triton_layer_ops()
         self.computes_logits = True  # False on the tensor-parallel ranks other than 0: only rank 0 samples
 
     def use_native_layer_ops(self) -> None:
         """RMSNorm and RoPE of eager float32 steps by csrc/layer_ops.cpp (native.py builds it)."""
         load_layer_ops()
-        self.native_layer_ops = True
+        self._use_layer_ops("native")
+
+    def use_triton_layer_ops(self) -> None:
+        """RMSNorm (fused with the residual add before it), RoPE and the K/V store by Triton kernels (on a GPU):
+        one kernel each where torch runs two to four."""
+        self._use_layer_ops("triton")
+
+    def _use_layer_ops(self, ops: LayerOps) -> None:
+        self.layer_ops = ops
         for module in self.modules():
             if isinstance(module, RMSNorm):
-                module.native = True
+                module.ops = ops
 
     def use_paged_attention(self, device: torch.device) -> None:
         """Decode attention by a kernel that reads the paged cache in place: C++ on CPU (native.py builds it),
@@ -325,8 +360,9 @@ class Transformer(nn.Module):
         if block_tables.shape[0] and self.paged_attention is None:
             keys = torch.arange(block_tables.shape[1] * cache.block_size, device=block_tables.device)  # [S]
             mask = (keys < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        slots = slot_blocks * cache.block_size + slot_offsets if self.layer_ops == "triton" else None
         step = StepTensors(cos, sin, cache.write_index(slot_blocks, slot_offsets), block_tables, context_lens, mask,
-                           self.paged_attention, self.native_layer_ops, spans)
+                           self.paged_attention, self.layer_ops, slots, spans)
         if self.packed_prefill is not None and spans and all(span.num_cached == 0 for span in spans):
             first = spans[0].start
             ends = [span.start - first for span in spans] + [spans[-1].start + spans[-1].length - first]

@@ -78,6 +78,7 @@ class ModelRunner:
                 log.warning("paged decode attention unavailable, gathering KV instead: %s", e)
         if not on_cpu:
             self.model.use_packed_prefill()
+            self.model.use_triton_layer_ops()
         if on_cpu:  # the C++ ops are CPU code
             try:
                 self.model.use_native_layer_ops()

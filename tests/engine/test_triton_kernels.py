@@ -172,3 +172,29 @@ def test_the_engine_prefills_fresh_prompts_through_one_packed_kernel_call() -> N
     for i, n in enumerate([6, 23]):
         engine.add_request(f"new{i}", [(3 * j + i) % 250 + 3 for j in range(n)], params)
     assert compare() == 1  # the running request's decode token first, then the two prompts
+
+
+@pytest.mark.skipif(ON_GPU, reason="the engine on CPU: tests/engine/test_device.py runs it on the GPU")
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_the_engine_computes_the_same_with_the_triton_layer_ops(kind: str) -> None:
+    """RMSNorm fused with the residual add, RoPE and the K/V store as the engine runs them on a GPU
+    (Transformer.use_triton_layer_ops), in its own steps on CPU under the interpreter: the logits and the
+    K/V of its CPU ops."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from tests.engine.test_paged_attention import TINY, decode_step
+
+    if kind == "decode":
+        engine, batch = decode_step()
+    else:
+        engine = LLMEngine(EngineConfig(model=TINY, block_size=4, kv_cache_memory_gib=0.01, weights="native"))
+        for i, n in enumerate([3, 9, 21]):
+            engine.add_request(f"r{i}", [(7 * j + i) % 250 + 3 for j in range(n)], SamplingParams(max_tokens=4))
+        batch, _ = engine.runner.prepare(engine.scheduler.schedule())
+        assert len(batch.prefill_spans) == 3
+    before = engine.cache.data.clone()
+    want = engine.model(batch, engine.cache)
+    written = engine.cache.data.clone()
+    engine.cache.data.copy_(before)
+    engine.model.use_triton_layer_ops()
+    torch.testing.assert_close(engine.model(batch, engine.cache), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.cache.data, written, atol=1e-6, rtol=1e-6)
