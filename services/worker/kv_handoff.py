@@ -64,7 +64,7 @@ from shared.transfer.heads import pull_heads
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RANKS_GRACE_S = 5.0  # a tensor-parallel engine's other ranks report their pulls within their timeout and this
+RANKS_GRACE_S = 5.0  # beyond the pull timeout, how long to wait for a tensor-parallel engine's other ranks to report
 
 
 class WorkerPort(Protocol):

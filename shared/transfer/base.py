@@ -92,7 +92,7 @@ def select_rows(views: Sequence[KVView], rows: Rows, out: np.ndarray) -> np.ndar
 class StagingPool:
     """Host buffers for the bytes `Rows` selects, reused once sent. A fresh buffer costs more than the copy
     into it: page faults, and UCX meeting memory it has not seen. A TP2 rank's rows of a 512-token prompt's
-    KV (15.7 MB) took 24 ms over UCX shared memory from fresh buffers and 7.7 ms from reused ones
+    KV (15.7 MB) took 24 ms over UCX shared memory from fresh buffers and 5.3 ms from reused ones
     (docs/performance.md, KV transfer)."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
