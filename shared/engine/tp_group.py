@@ -14,6 +14,10 @@ that rank 0 broadcasts, one at a time:
 - `Forget(request_id)`: withdraw the offer, or drop the pulled heads, of a request that ended otherwise.
 - `None`: exit.
 
+Rank 0 sends a forward pass and an offer itself and waits for them (an offer until every rank has made
+it, so that a puller finds it). Pulls and forgets come from the worker's event loop, which must not wait
+for a step to end: they go through an outbox that a thread of their own sends between the steps.
+
 So the KV hand-off moves no head through another rank: each rank of a prefill instance offers its heads on
 a transport of its own (shared/engine/tp_handoff.py; rank 0 on its worker's), and each rank of a decode
 instance pulls the heads it owns, whatever the tp of either side. Ranks report finished pulls to rank 0 on
@@ -33,6 +37,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import shutil
 import subprocess
 import sys
@@ -91,6 +96,10 @@ class Forget:
 
 
 Command = Forward | Offer | Pull | Forget | None
+
+
+class _Stop:
+    """Ends the outbox's thread (not a command: the ranks never see it)."""
 
 
 class Ranks:
@@ -155,6 +164,7 @@ class TensorParallel:
         self.ranks: Ranks | None = None
         self.addresses: list[str] = []  # ranks 1..'s KV transports
         self._serving = False  # every rank started: from here on they take commands
+        self._outbox: queue.SimpleQueue[Command | _Stop] = queue.SimpleQueue()  # commands no caller waits for
         try:
             store_path = self._dir / "store"
             for rank in range(1, self.world):
@@ -163,6 +173,7 @@ class TensorParallel:
             self.runner = ModelRunner(config, Shard(0, self.world), self.ranks.all_reduce)
             self.ranks.serving()
             self._serving = True
+            threading.Thread(target=self._send_commands, daemon=True, name="tp-commands").start()
             if config.kv_transport is not None:  # each rank set its transport's address before `serving`
                 self.addresses = [self.ranks.store.get(f"{ADDRESS_KEY}{r}").decode() for r in range(1, self.world)]
         except BaseException as exc:
@@ -201,10 +212,20 @@ class TensorParallel:
         total = self.runner.model_config.num_kv_heads
         return [len(Shard(rank, self.world).part(total)) for rank in range(self.world)]
 
-    def _command(self, command: Command) -> None:
+    def _send_later(self, command: Command) -> None:
+        """Send a command once no step holds the ranks, without waiting for it: callers are the worker's
+        event loop (an engine call), which must not stall for a step."""
+        self._outbox.put(command)
+
+    def _send_commands(self) -> None:
+        """The outbox's thread: each command in turn, between the steps."""
         assert self.ranks is not None
-        with self._lock:
-            self.ranks.broadcast(command)
+        while not isinstance(command := self._outbox.get(), _Stop):
+            with self._lock:
+                try:
+                    self.ranks.broadcast(command)
+                except RuntimeError as exc:  # a rank is gone: the next step fails and the worker restarts
+                    log.warning("tp command %s not sent: %s", type(command).__name__, exc)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits, as ModelRunner.forward gives them, computed by every rank together."""
@@ -243,7 +264,7 @@ class TensorParallel:
         with self._kv_lock:
             self._pulls[kv.transfer_id] = pulling
             self._shared.add(kv.transfer_id)
-        self._command(Pull(kv, timeout))
+        self._send_later(Pull(kv, timeout))
         return pulling.future
 
     def import_later(self, request_id: str, block_ids: list[int], heads: torch.Tensor) -> None:
@@ -264,7 +285,7 @@ class TensorParallel:
         if pulling is not None:
             pulling.fail("the import was dropped")
         if shared:
-            self._command(Forget(request_id))
+            self._send_later(Forget(request_id))
 
     def _read_reports(self, rank: int, fd: int) -> None:
         """Rank `rank`'s finished pulls, one JSON line each, until it exits."""
@@ -284,6 +305,7 @@ class TensorParallel:
     def close(self) -> None:
         """Stop the other ranks (a step still under way after half a second, or a start that failed: they
         are killed)."""
+        self._outbox.put(_Stop())
         if self._serving and self.ranks is not None and self._lock.acquire(timeout=0.5):
             try:
                 self.ranks.broadcast(None)

@@ -7,6 +7,7 @@ these tests also cover an uneven split. Each TP2 engine starts one child process
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +17,7 @@ from shared.config import EngineSettings
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.engine.loader import load_model
 from shared.engine.tensor_parallel import Shard, check_shardable, shard_config, shard_model_
-from shared.protocol import KVHandle
+from shared.protocol import KVHandle, KVMeta
 from shared.transfer import TransferError, create_transport
 from shared.transfer.heads import pull_heads
 from tests.engine.conftest import make_engine, run_to_completion
@@ -139,6 +140,28 @@ async def test_a_rank_that_cannot_pull_fails_the_import_which_recomputes(engine:
         assert [first.token_id, *run_to_completion(tp2)["gone"]] == generate_alone(engine, prompt)
     finally:
         prefill.close()
+
+
+def test_pulls_and_forgets_do_not_wait_for_the_step_under_way(engine: LLMEngine, tp2: LLMEngine) -> None:
+    """They come from the worker's event loop, which a step of the ranks must not stall."""
+    assert tp2.tp is not None
+    meta = KVMeta(request_id="q", prompt_token_ids=[5, 6], output_token_ids=[7], params=GREEDY, num_kv_tokens=2,
+                  num_blocks=1, block_size=tp2.config.block_size, block_nbytes=tp2.block_nbytes, output_text=None,
+                  num_emitted_chars=0)
+    kv = KVHandle(prefill_instance="prefill", transport="tcp", address="tcp://127.0.0.1:1", transfer_id="q",
+                  nbytes=meta.nbytes, meta=meta)
+    returned = threading.Event()
+
+    def from_the_event_loop() -> None:
+        pulled = tp2.kv_import_ranks(kv, 5)
+        tp2.abort("q")  # the ranks forget it: its pull fails here, whatever rank 1 reports later
+        assert pulled is not None and isinstance(pulled.exception(), TransferError)
+        returned.set()
+
+    with tp2.tp._lock:  # a step under way
+        threading.Thread(target=from_the_event_loop, daemon=True).start()
+        assert returned.wait(30), "a pull or a forget waited for the step"
+    assert generate_alone(tp2, PROMPTS[0]) == generate_alone(engine, PROMPTS[0])  # the ranks took the commands
 
 
 def test_a_tp_engine_without_a_kv_transport_says_so() -> None:
