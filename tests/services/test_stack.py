@@ -250,11 +250,11 @@ def test_bfloat16_prefill_feeds_a_float32_decode_worker(redis_server: RedisServe
             stack.stop()
 
 
-@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2)])
 def test_tensor_parallel_workers_answer_as_one_process_does(redis_server: RedisServer, prefill_tp: int,
                                                             decode_tp: int) -> None:
-    """TP2 prefill -> TP1 decode and the reverse (gloo ranks, the KV over the real transport): the same greedy
-    text as one engine in this process."""
+    """TP2 prefill -> TP1 decode, the reverse, and TP2 -> TP2 (gloo ranks; each rank's KV heads over its own
+    transport): the same greedy text as one engine in this process."""
     engine = {"kv_cache_memory_gib": KV_GIB, **PRECISION}
     with NatsServer() as nats:
         stack = start_stack(nats, redis_server, prefill={**engine, "tp": prefill_tp},
