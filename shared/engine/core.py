@@ -100,6 +100,11 @@ class EngineCore(ABC):
         """An import through a staging buffer (`_import_target` made one): its bytes into the blocks."""
         raise NotImplementedError(f"{type(self).__name__} imports KV without staging")
 
+    def _kv_dropped(self, request_id: str) -> None:
+        """The request's KV leaves the hand-off otherwise than by a commit here (abort, release, recompute):
+        nothing to do here (a tensor-parallel engine's other ranks drop what they hold of it)."""
+        return None
+
     def modelled_transfer_s(self, meta: KVMeta) -> float:
         """Seconds a pull of this KV takes on top of moving its bytes here: 0, every byte moves for real."""
         return 0.0
@@ -143,6 +148,7 @@ class EngineCore(ABC):
         return None
 
     def abort(self, request_id: str) -> bool:
+        self._kv_dropped(request_id)
         with self.lock:
             if request_id in self._in_flight:  # its blocks are being written: free them after the step
                 self._abort_after_step.add(request_id)
@@ -163,6 +169,7 @@ class EngineCore(ABC):
 
     def release(self, request_id: str) -> None:
         """Prefill role: the decode side has the KV now; free it."""
+        self._kv_dropped(request_id)
         with self.lock:
             self.scheduler.release(request_id)
             self._work_changed()
@@ -291,6 +298,7 @@ class EngineCore(ABC):
 
     def kv_import_recompute(self, request_id: str) -> None:
         """The transfer failed: compute the request's KV here from its tokens instead (same continuation)."""
+        self._kv_dropped(request_id)
         with self.lock:
             self.scheduler.recompute_import(request_id).kv_staging = None
             self._work_changed()
@@ -310,6 +318,7 @@ class EngineCore(ABC):
             self.blocks.free(blocks)
 
     def kv_import_abort(self, request_id: str) -> None:
+        self._kv_dropped(request_id)
         with self.lock:
             if request_id in self.scheduler.importing:
                 self.scheduler.abort(request_id)

@@ -98,26 +98,9 @@ class LLMEngine(EngineCore):
     def kv_import_ranks(self, kv: KVHandle, timeout: float) -> Future[int] | None:
         return self.tp.pull(kv, timeout) if self.tp is not None else None
 
-    # A request leaving in any way: the other ranks forget what they hold of its KV (an offer, pulled heads).
-    def abort(self, request_id: str) -> bool:
-        if self.tp is not None:
+    def _kv_dropped(self, request_id: str) -> None:
+        if self.tp is not None:  # the other ranks withdraw its offer, or drop its pulled heads
             self.tp.forget(request_id)
-        return super().abort(request_id)
-
-    def release(self, request_id: str) -> None:
-        if self.tp is not None:
-            self.tp.forget(request_id)
-        super().release(request_id)
-
-    def kv_import_recompute(self, request_id: str) -> None:
-        if self.tp is not None:
-            self.tp.forget(request_id)
-        super().kv_import_recompute(request_id)
-
-    def kv_import_abort(self, request_id: str) -> None:
-        if self.tp is not None:
-            self.tp.forget(request_id)
-        super().kv_import_abort(request_id)
 
     def close(self) -> None:
         if self.tp is not None:

@@ -59,6 +59,13 @@ class RankHandoff:
     def _run(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Call fn on the transport's loop (it is not thread-safe) and return once it has run."""
+        async def call() -> None:
+            fn()
+
+        self._run(call()).result()
+
     @property
     def address(self) -> str:
         return self.transport.address
@@ -68,11 +75,7 @@ class RankHandoff:
         views = self.runner.kv_views(block_ids)
         if self.runner.device.type != "cpu":  # host-staged, as rank 0's (UCX's CUDA transports are not used yet)
             views = [view.cpu() for view in views]
-
-        async def offer() -> None:
-            self.transport.offer(request_id, views)
-
-        self._run(offer()).result()
+        self._on_loop(lambda: self.transport.offer(request_id, views))
 
     def pull(self, kv: KVHandle, timeout: float) -> None:
         """Start pulling this rank's heads of the request's KV; reported to rank 0 when done."""
@@ -101,10 +104,7 @@ class RankHandoff:
 
     def forget(self, request_id: str) -> None:
         """Withdraw the request's offer, or drop its heads (pulled, or still coming)."""
-        async def withdraw() -> None:
-            self.transport.withdraw(request_id)
-
-        self._run(withdraw()).result()
+        self._on_loop(lambda: self.transport.withdraw(request_id))
         with self._lock:
             self._pulling.discard(request_id)
             self._pulled.pop(request_id, None)

@@ -42,7 +42,16 @@ from typing import Any
 import numpy as np
 
 from shared.engine.api import KVView
-from shared.transfer.base import KVTransport, Rows, StagingPool, TransferError, TransferStats, byte_view, select_rows
+from shared.transfer.base import (
+    KVTransport,
+    Rows,
+    StagingPool,
+    TransferError,
+    TransferStats,
+    byte_view,
+    select_rows,
+    total_nbytes,
+)
 
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")  # ucxx sets UCX_MEMTYPE_CACHE, which UCX 1.21 ignores
 
@@ -313,7 +322,7 @@ class UcxTransport(KVTransport):
         if views is not None and request.rows is not None:  # a rank's heads: copied out, then sent
             bad_rows = request.rows.problem(views) is not None
             if not bad_rows:
-                staged = self._staging.take(request.rows.nbytes(sum(int(v.nbytes) for v in views)))
+                staged = self._staging.take(request.rows.nbytes(total_nbytes(views)))
                 views = [select_rows(views, request.rows, staged)]
         src_sizes = [byte_view(v).nbytes for v in views] if views is not None else []
         total = sum(src_sizes)
